@@ -1,0 +1,1 @@
+"""The click CLI, configs, datasets over shards, training and evaluation."""

@@ -1,0 +1,52 @@
+"""The `pipeline` command: one click command per stage, each a few lines over importable functions."""
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+
+import click
+
+from preprocess.layout import DataLayout
+from preprocess.ledger import ParamsMismatch, StageLocked
+from preprocess.runner import DataNotWritable, StageSummary
+
+DATA_OPTION = click.option("--data", "data", required=True,
+                           type=click.Path(file_okay=False, path_type=Path),
+                           help="The dataset's working folder (frames/, flow/, shards/, runs/ ...).")
+JOBS_OPTION = click.option("--jobs", default=1, show_default=True, type=click.IntRange(1),
+                           help="Videos processed in parallel (one OpenCV thread each).")
+FORCE_OPTION = click.option("--force", is_flag=True,
+                            help="Redo the stage with new parameters, deleting its outputs.")
+
+
+def clear_errors(fn):
+    """Turn the pipeline's expected errors into one clear line and exit status 2."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (ParamsMismatch, StageLocked, DataNotWritable, FileNotFoundError, ValueError) as e:
+            raise click.ClickException(str(e)) from None
+    return wrapper
+
+
+def finish(summary: StageSummary) -> None:
+    """Print the stage summary; a non-zero exit status when any video failed."""
+    click.echo(summary.report())
+    if not summary.ok:
+        click.echo("(rerun the same command to retry only the failed videos)")
+        sys.exit(1)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+def cli():
+    """Two-stream action recognition: videos -> frames -> flow -> shards -> training."""
+
+
+def main():
+    cli()
+
+
+if __name__ == "__main__":
+    main()

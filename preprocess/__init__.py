@@ -1,0 +1,1 @@
+"""Offline preprocessing stages: videos -> frames -> flow -> shards (one module per stage)."""

@@ -1,0 +1,157 @@
+"""Run one stage over many videos: joblib workers, the ledger, the lock, progress and summary.
+
+Every stage (frames, flow, shards) hands this module its items and a picklable per-item
+function. The parent alone writes the ledger, one record per finished item, so a kill loses at
+most the items in flight; a rerun redoes exactly the items not recorded as done.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+from joblib import Parallel, delayed, parallel_config
+from tqdm import tqdm
+
+from .atomic import clean_stale_temps, remove_published
+from .layout import DataLayout
+from .ledger import DONE, FAILED, Ledger, Record, StageLock, check_params
+
+
+class DataNotWritable(RuntimeError):
+    """DATA (or a folder in it) cannot be written: said at start, before any work."""
+
+
+@dataclass
+class StageSummary:
+    stage: str
+    total: int
+    done_now: int = 0
+    already_done: int = 0
+    failed: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+    def line(self) -> str:
+        done = self.done_now + self.already_done
+        return (f"{self.stage}: {done}/{self.total} done ({self.done_now} now, "
+                f"{self.already_done} already), {len(self.failed)} failed")
+
+    def report(self) -> str:
+        lines = [self.line()]
+        for item, reason in sorted(self.failed.items()):
+            lines.append(f"  FAILED {item}: {reason}")
+        return "\n".join(lines)
+
+
+def ensure_writable(path: Path) -> None:
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataNotWritable(f"cannot create {path}: {e.strerror}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise DataNotWritable(f"{path} is not writable")
+
+
+def _limit_threads() -> None:
+    """One OpenCV/torch thread per worker: parallelism comes from the workers."""
+    try:
+        import cv2
+        cv2.setNumThreads(1)
+    except ImportError:
+        pass
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(1)
+
+
+def _run_one(work: Callable[[str], dict], item: str) -> Record:
+    _limit_threads()
+    try:
+        info = work(item) or {}
+        return Record(item, DONE, "", info)
+    except Exception as e:  # recorded per item, summarised, reflected in the exit status
+        msg = str(e).strip() or repr(e)
+        return Record(item, FAILED, f"{type(e).__name__}: {msg}")
+
+
+def run_stage(stage: str, layout: DataLayout, items: Sequence[str],
+              work: Callable[[str], dict], params: dict, *, jobs: int = 1, force: bool = False,
+              known_failures: Mapping[str, str] | None = None,
+              published: Callable[[str], bool] | None = None,
+              progress: bool = True, joblib_backend: str | None = None) -> StageSummary:
+    """Run `work(item)` for every item not yet done; return the summary.
+
+    `params` are recorded with the outputs and must match on reruns unless `force` (which
+    deletes the stage's outputs first). `known_failures` are items that fail before any work
+    (a listed video missing on disk). `published(item)` lets the stage say that a ledger "done"
+    is stale because its output is gone; such items are redone.
+    """
+    ensure_writable(layout.root)
+    ensure_writable(layout.meta_dir)
+    out_dir = layout.stage_output_dir(stage)
+    with StageLock(layout.lock_path(stage), stage):
+        ledger = Ledger(layout.ledger_path(stage))
+        if check_params(layout.params_path(stage), stage, params, force=force):
+            remove_published(out_dir)
+            ledger.reset()
+        ensure_writable(out_dir)
+        clean_stale_temps(out_dir)
+
+        records = ledger.load()
+        summary = StageSummary(stage, total=len(items) + len(known_failures or {}))
+        upfront = [Record(i, FAILED, r) for i, r in (known_failures or {}).items()]
+        ledger.append(upfront)
+        summary.failed.update({r.item: r.reason for r in upfront})
+
+        todo = []
+        for item in items:
+            rec = records.get(item)
+            if rec is not None and rec.status == DONE and (published is None or published(item)):
+                summary.already_done += 1
+            else:
+                todo.append(item)
+
+        bar = tqdm(total=len(todo), desc=stage, unit="video", disable=not progress,
+                   file=sys.stderr, dynamic_ncols=True)
+        try:
+            if todo:
+                n_jobs = max(1, min(jobs, len(todo)))
+                cfg = {"backend": joblib_backend} if joblib_backend else {}
+                with parallel_config(**cfg):
+                    results = Parallel(n_jobs=n_jobs, return_as="generator_unordered",
+                                       batch_size=1)(delayed(_run_one)(work, i) for i in todo)
+                    for rec in results:
+                        ledger.append([rec])
+                        if rec.status == DONE:
+                            summary.done_now += 1
+                        else:
+                            summary.failed[rec.item] = rec.reason
+                        bar.update(1)
+        finally:
+            bar.close()
+        return summary
+
+
+def stage_status(layout: DataLayout, stage: str, items: Sequence[str]) -> dict:
+    """Done, failed (with reasons) and pending counts for a stage, from its ledger."""
+    records = Ledger(layout.ledger_path(stage)).load()
+    done, failed, pending = 0, {}, 0
+    seen = set(items)
+    for item in items:
+        rec = records.get(item)
+        if rec is None:
+            pending += 1
+        elif rec.status == DONE:
+            done += 1
+        else:
+            failed[item] = rec.reason
+    for item, rec in records.items():  # failures of items outside the index (missing videos)
+        if item not in seen and rec.status == FAILED:
+            failed[item] = rec.reason
+    return {"stage": stage, "done": done, "failed": failed, "pending": pending,
+            "started": layout.params_path(stage).exists()}
