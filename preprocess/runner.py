@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -83,13 +84,15 @@ def run_stage(stage: str, layout: DataLayout, items: Sequence[str],
               work: Callable[[str], dict], params: dict, *, jobs: int = 1, force: bool = False,
               known_failures: Mapping[str, str] | None = None,
               published: Callable[[str], bool] | None = None,
-              progress: bool = True, joblib_backend: str | None = None) -> StageSummary:
+              progress: bool = True, scheduler: str | None = None) -> StageSummary:
     """Run `work(item)` for every item not yet done; return the summary.
 
     `params` are recorded with the outputs and must match on reruns unless `force` (which
     deletes the stage's outputs first). `known_failures` are items that fail before any work
     (a listed video missing on disk). `published(item)` lets the stage say that a ledger "done"
-    is stale because its output is gone; such items are redone.
+    is stale because its output is gone; such items are redone. `scheduler` is the address of
+    a dask.distributed scheduler: the items then run as tasks on that cluster (joblib's Dask
+    backend), writing to the shared filesystem, while this process alone keeps the ledger.
     """
     ensure_writable(layout.root)
     ensure_writable(layout.meta_dir)
@@ -120,9 +123,13 @@ def run_stage(stage: str, layout: DataLayout, items: Sequence[str],
                    file=sys.stderr, dynamic_ncols=True)
         try:
             if todo:
-                n_jobs = max(1, min(jobs, len(todo)))
-                cfg = {"backend": joblib_backend} if joblib_backend else {}
-                with parallel_config(**cfg):
+                with ExitStack() as stack:
+                    if scheduler:
+                        stack.enter_context(dask_client(scheduler))
+                        stack.enter_context(parallel_config(backend="dask"))
+                        n_jobs = -1
+                    else:
+                        n_jobs = max(1, min(jobs, len(todo)))
                     results = Parallel(n_jobs=n_jobs, return_as="generator_unordered",
                                        batch_size=1)(delayed(_run_one)(work, i) for i in todo)
                     for rec in results:
@@ -135,6 +142,15 @@ def run_stage(stage: str, layout: DataLayout, items: Sequence[str],
         finally:
             bar.close()
         return summary
+
+
+def dask_client(address: str):
+    """A client of the dask.distributed scheduler at `address` (the optional `cluster` extra)."""
+    try:
+        from dask.distributed import Client
+    except ImportError:
+        raise RuntimeError("--scheduler needs dask.distributed: pip install '.[cluster]'") from None
+    return Client(address)
 
 
 def stage_status(layout: DataLayout, stage: str, items: Sequence[str]) -> dict:

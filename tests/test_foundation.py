@@ -133,3 +133,27 @@ def test_read_only_data_is_refused_at_start(tmp_path):
         ro.chmod(0o500)
         with pytest.raises(DataNotWritable):
             run_stage("frames", DataLayout(ro / "data"), [], lambda i: {}, {}, progress=False)
+
+
+def test_run_stage_on_a_dask_cluster_equals_local_run(tmp_path):
+    """Items become tasks on a 2-process LocalCluster; outputs and ledger match a local run."""
+    import functools
+
+    import cloudpickle
+    from dask.distributed import LocalCluster
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers can't import tests/
+    items = [f"c/v{i}" for i in range(6)] + ["bad/z"]
+    local = DataLayout(tmp_path / "local")
+    run_stage("frames", local, items, functools.partial(_work, local.frames_dir), {}, jobs=2,
+              progress=False)
+    dist = DataLayout(tmp_path / "dist")
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                      dashboard_address=None) as cluster:
+        s = run_stage("frames", dist, items, functools.partial(_work, dist.frames_dir), {},
+                      progress=False, scheduler=cluster.scheduler_address)
+    assert s.done_now == 6 and set(s.failed) == {"bad/z"}
+    for item in items[:-1]:
+        assert (dist.frames_dir / item / "x.txt").read_text() == \
+            (local.frames_dir / item / "x.txt").read_text()
+    assert Ledger(dist.ledger_path("frames")).load() == Ledger(local.ledger_path("frames")).load()
