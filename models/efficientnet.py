@@ -1,4 +1,4 @@
-"""EfficientNet-B0 (Tan & Le 2019, Table 1), the per-frame backbone of seed 004 section 3.1 / Table 1.
+"""EfficientNet-B0 (Tan & Le 2019, Table 1): the per-frame backbone of seed 004 3.1 / Table 1.
 
 Stem 3x3/2 conv -> 7 stages of MBConv (inverted bottleneck: 1x1 expansion, depthwise kxk,
 squeeze-excitation, linear 1x1 projection) -> 1x1 conv to 1280 -> average pool -> dropout -> FC.
@@ -251,7 +251,11 @@ class EfficientNet(nn.Module):
 
 
 def efficientnet_b0(
-    *, in_channels: int = 3, num_classes: int = 1000, dropout: float = 0.2, drop_path_rate: float = 0.2
+    *,
+    in_channels: int = 3,
+    num_classes: int = 1000,
+    dropout: float = 0.2,
+    drop_path_rate: float = 0.2,
 ) -> EfficientNet:
     """EfficientNet-B0: 5,288,548 parameters at in_channels=3, num_classes=1000."""
     return EfficientNet(
@@ -263,7 +267,11 @@ def efficientnet_b0(
 
 
 def efficientnet_tiny(
-    *, in_channels: int = 3, num_classes: int = 1000, dropout: float = 0.2, drop_path_rate: float = 0.2
+    *,
+    in_channels: int = 3,
+    num_classes: int = 1000,
+    dropout: float = 0.2,
+    drop_path_rate: float = 0.2,
 ) -> EfficientNet:
     """B0's table at width 0.25 and depth 0.25 (one block per stage, 320-d feature): for tests."""
     return EfficientNet(

@@ -34,7 +34,8 @@ class ChannelExcitation(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, T, H, W)
         y = x.mean(dim=(2, 3, 4))  # (B, C)
-        eta = torch.sigmoid(self.conv(y.unsqueeze(1))).squeeze(1)  # (B, C): channels as a 1-D signal
+        # The C channels are the length of a 1-channel 1-D signal: (B, 1, C).
+        eta = torch.sigmoid(self.conv(y.unsqueeze(1))).squeeze(1)  # (B, C)
         return x * eta[:, :, None, None, None]
 
 

@@ -140,7 +140,9 @@ def _efficientnet_prefixes(model: EfficientNet, style: str) -> dict[str, str]:
             if tv:
                 # torchvision's MBConv.block: [expand], depthwise, SE, project (each conv, bn, act).
                 base = f"features.{s + 1}.{b}.block"
-                parts = (["expand"] if block.expand is not None else []) + ["depthwise", "se", "project"]
+                parts = ["depthwise", "se", "project"]
+                if block.expand is not None:
+                    parts.insert(0, "expand")
                 for i, part in enumerate(parts):
                     if part == "se":
                         prefixes[f"{own}.se.reduce"] = f"{base}.{i}.fc1"

@@ -1,4 +1,4 @@
-"""EfficientNet-B0 against Tan & Le's Table 1 (seed 004 Table 1) and torchvision's parameter count."""
+"""EfficientNet-B0 against Tan & Le's Table 1 (seed 004 Table 1) and torchvision's count."""
 
 import pytest
 import torch

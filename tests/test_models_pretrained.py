@@ -141,7 +141,8 @@ _FOREIGN_SAMPLES = {
                     "classifier.1.weight"],
     "timm": ["conv_stem.weight", "bn1.running_mean", "blocks.0.0.conv_dw.weight",
              "blocks.0.0.se.conv_reduce.weight", "blocks.0.0.conv_pw.weight", "blocks.0.0.bn2.bias",
-             "blocks.1.0.conv_pw.weight", "blocks.1.0.bn3.running_var", "blocks.1.0.conv_pwl.weight",
+             "blocks.1.0.conv_pw.weight", "blocks.1.0.bn3.running_var",
+             "blocks.1.0.conv_pwl.weight",
              "conv_head.weight", "bn2.weight", "classifier.bias"],
 }
 
