@@ -9,6 +9,7 @@
     DATA/meta/<stage>.params.json                             parameters that shaped a stage
     DATA/meta/<stage>.ledger.jsonl                            one record per video: done/failed
     DATA/meta/<stage>.lock                                    held while a stage runs
+    DATA/show/<class>__<video>.png                            `pipeline show`: frames beside flow
 
 The naming (`img_00001.jpg`, `flow_x_00001.jpg`) is the one mmaction2 and denseflow users know.
 A video id is "<class>/<video stem>"; it is also its relative folder under frames/ and flow/.
@@ -90,3 +91,11 @@ class DataLayout:
 
     def run_dir(self, name: str) -> Path:
         return self.runs_dir / name
+
+    @property
+    def show_dir(self) -> Path:
+        return self.root / "show"
+
+    def show_path(self, video_id: str) -> Path:
+        """The `pipeline show` picture of a video: its id with "/" replaced by "__"."""
+        return self.show_dir / (video_id.replace("/", "__") + ".png")
