@@ -6,6 +6,7 @@ most the items in flight; a rerun redoes exactly the items not recorded as done.
 """
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from contextlib import ExitStack
@@ -23,6 +24,15 @@ from .ledger import DONE, FAILED, Ledger, Record, StageLock, check_params
 
 class DataNotWritable(RuntimeError):
     """DATA (or a folder in it) cannot be written: said at start, before any work."""
+
+
+class StorageFull(RuntimeError):
+    """The disk filled up (or became read-only) mid-stage: no later video could succeed either."""
+
+
+# Errors of the storage, not of the video: the stage stops instead of failing every video.
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
+FATAL = "fatal"
 
 
 @dataclass
@@ -75,6 +85,10 @@ def _run_one(work: Callable[[str], dict], item: str) -> Record:
     try:
         info = work(item) or {}
         return Record(item, DONE, "", info)
+    except OSError as e:
+        if e.errno in STORAGE_ERRNOS:
+            return Record(item, FATAL, f"{e.strerror} while writing {e.filename or item}")
+        return Record(item, FAILED, f"{type(e).__name__}: {e}")
     except Exception as e:  # recorded per item, summarised, reflected in the exit status
         msg = str(e).strip() or repr(e)
         return Record(item, FAILED, f"{type(e).__name__}: {msg}")
@@ -133,6 +147,9 @@ def run_stage(stage: str, layout: DataLayout, items: Sequence[str],
                     results = Parallel(n_jobs=n_jobs, return_as="generator_unordered",
                                        batch_size=1)(delayed(_run_one)(work, i) for i in todo)
                     for rec in results:
+                        if rec.status == FATAL:  # left pending; the temporary output is gone
+                            raise StorageFull(f"{stage}: {rec.reason}; {summary.done_now} videos "
+                                              f"finished before it. Free space and rerun.")
                         ledger.append([rec])
                         if rec.status == DONE:
                             summary.done_now += 1

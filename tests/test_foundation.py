@@ -157,3 +157,21 @@ def test_run_stage_on_a_dask_cluster_equals_local_run(tmp_path):
         assert (dist.frames_dir / item / "x.txt").read_text() == \
             (local.frames_dir / item / "x.txt").read_text()
     assert Ledger(dist.ledger_path("frames")).load() == Ledger(local.ledger_path("frames")).load()
+
+
+def _fill_disk(out_dir, item):
+    if item == "c/full":
+        raise OSError(28, "No space left on device", str(out_dir / item / "img_00001.jpg"))
+    return _work(out_dir, item)
+
+
+def test_full_disk_stops_the_stage_and_leaves_the_video_pending(tmp_path):
+    import functools
+
+    from preprocess.runner import StorageFull
+    lay = DataLayout(tmp_path / "data")
+    with pytest.raises(StorageFull, match="No space left on device while writing .*img_00001"):
+        run_stage("frames", lay, ["c/full"], functools.partial(_fill_disk, lay.frames_dir), {},
+                  progress=False)
+    assert "c/full" not in Ledger(lay.ledger_path("frames")).load()
+    assert stage_status(lay, "frames", ["c/full"])["pending"] == 1
