@@ -44,6 +44,18 @@ def cli():
     """Two-stream action recognition: videos -> frames -> flow -> shards -> training."""
 
 
+@cli.command("demo-data")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder to create (UCF101 layout, split files in OUT/splits).")
+@click.option("--seed", default=0, show_default=True, type=int,
+              help="Same seed, byte-identical videos.")
+@clear_errors
+def demo_data(out: Path, seed: int):
+    """Write the demo dataset: small videos whose classes differ only in motion."""
+    from preprocess.demo_data import generate_demo_dataset
+    click.echo(str(generate_demo_dataset(out, seed=seed)))
+
+
 def main():
     cli()
 
