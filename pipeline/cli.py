@@ -56,6 +56,45 @@ def demo_data(out: Path, seed: int):
     click.echo(str(generate_demo_dataset(out, seed=seed)))
 
 
+@cli.command("flow")
+@DATA_OPTION
+@click.option("--backend", default="auto", show_default=True,
+              type=click.Choice(["auto", "opencv", "opencv-cuda", "torch"]),
+              help="TV-L1 implementation; auto: torch on a CUDA machine, else opencv-cuda if "
+                   "OpenCV has CUDA, else opencv (CPU, the reference).")
+@JOBS_OPTION
+@click.option("--jpeg-quality", default=95, show_default=True, type=click.IntRange(1, 100),
+              help="JPEG quality of the flow_x/flow_y images (a recorded parameter).")
+@click.option("--scheduler", default=None, metavar="ADDRESS",
+              help="dask.distributed scheduler to run the videos on (opencv backends).")
+@FORCE_OPTION
+@clear_errors
+def flow(data: Path, backend: str, jobs: int, jpeg_quality: int, scheduler: str | None,
+         force: bool):
+    """TV-L1 flow between consecutive frames: DATA/flow/<class>/<video>/flow_{x,y}_00001.jpg.
+
+    With --backend torch, --jobs is the JPEG decode/encode threads per GPU (every visible GPU
+    is used, one worker process each).
+    """
+    from preprocess.flow import compute_flow
+    finish(compute_flow(data, backend=backend, jobs=jobs, jpeg_quality=jpeg_quality,
+                        force=force, scheduler=scheduler))
+
+
+@cli.command("show")
+@DATA_OPTION
+@click.argument("video")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="PNG to write [default: DATA/show/<class>__<video>.png].")
+@click.option("--rows", default=4, show_default=True, type=click.IntRange(1, 32),
+              help="How many flows (evenly spaced through the video) to show.")
+@clear_errors
+def show(data: Path, video: str, out: Path | None, rows: int):
+    """A PNG of a few frames of VIDEO (an id like Class/v_x) beside their flow."""
+    from preprocess.flow_show import show as write_show
+    click.echo(str(write_show(data, video, out=out, rows=rows)))
+
+
 def main():
     cli()
 
