@@ -95,6 +95,38 @@ def show(data: Path, video: str, out: Path | None, rows: int):
     click.echo(str(write_show(data, video, out=out, rows=rows)))
 
 
+@cli.command("shards")
+@DATA_OPTION
+@click.option("--shard-size", default="1GiB", show_default=True,
+              help="Bound on a shard's JPEG bytes (1GiB, 200MB, ...); a larger video gets a "
+                   "shard of its own.")
+@click.option("--jobs", default=1, show_default=True, type=click.IntRange(1),
+              help="Shards written in parallel.")
+@click.option("--scheduler", default=None, metavar="ADDRESS",
+              help="dask.distributed scheduler to write the shards on.")
+@FORCE_OPTION
+@clear_errors
+def shards(data: Path, shard_size: str, jobs: int, scheduler: str | None, force: bool):
+    """Pack each video's frame and flow JPEGs (as they are) into DATA/shards/shard_00000.h5 ..."""
+    from preprocess.shards import build_shards, parse_size
+    finish(build_shards(data, shard_bytes=parse_size(shard_size), jobs=jobs, force=force,
+                        scheduler=scheduler))
+
+
+@cli.command("verify")
+@DATA_OPTION
+@click.option("--jobs", default=1, show_default=True, type=click.IntRange(1),
+              help="Shards checked in parallel.")
+@clear_errors
+def verify(data: Path, jobs: int):
+    """Check every shard (checksums, counts, every JPEG decodes); exit 1 naming any damage."""
+    from preprocess.shards import verify as verify_shards
+    report = verify_shards(data, jobs=jobs)
+    click.echo(report.report())
+    if not report.ok:
+        sys.exit(1)
+
+
 def main():
     cli()
 
