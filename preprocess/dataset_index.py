@@ -222,6 +222,7 @@ def _read_ucf101(folder: Path) -> tuple[list[str], list[_Listing]]:
     if len(set(classes)) != len(classes):
         raise ValueError(f"{class_file}: a class name appears twice")
     lookup = _CaseLookup(classes)
+    number = {c: i for i, c in enumerate(classes, 1)}
 
     listings = []
     for split in (1, 2, 3):
@@ -239,9 +240,9 @@ def _read_ucf101(folder: Path) -> tuple[list[str], list[_Listing]]:
                 if class_name is None:
                     raise ValueError(f"{where}: class folder {parts[0]!r} is not in "
                                      f"{class_file.name}")
-                if label is not None and label != classes.index(class_name) + 1:
+                if label is not None and label != number[class_name]:
                     raise ValueError(f"{where}: label {label} disagrees with {class_file.name}, "
-                                     f"where {class_name} is {classes.index(class_name) + 1}")
+                                     f"where {class_name} is {number[class_name]}")
                 listings.append(_Listing(class_name, parts[1], split, role, path.name, n))
     return classes, listings
 

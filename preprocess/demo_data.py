@@ -103,7 +103,7 @@ def _colourise(rng: np.random.Generator, field: np.ndarray) -> np.ndarray:
 
 def render_frames(class_name: str, rng: np.random.Generator, *, frames: int,
                   size: tuple[int, int]) -> list[np.ndarray]:
-    """The frames of one video, BGR uint8 (H, W, 3); appearance from `rng`, motion from the class."""
+    """One video's frames, BGR uint8 (H, W, 3): appearance from `rng`, motion from the class."""
     w, h = size
     background = _colourise(rng, _smooth_texture(rng, h, w, rng.uniform(6, 14)))
     # Static clutter so the background itself has edges (which must not move in the flow).
