@@ -91,7 +91,8 @@ from .atomic import _fsync_dir, clean_stale_temps, remove_published, tmp_sibling
 from .dataset_index import DatasetIndex
 from .layout import SHARD_PATTERN, DataLayout, flow_names, frame_name
 from .ledger import DONE, FAILED, Ledger, Record, StageLock, check_params, read_params
-from .runner import StageSummary, dask_client, ensure_writable
+from .runner import (FATAL, STORAGE_ERRNOS, StageSummary, StorageFull, dask_client,
+                     ensure_writable)
 
 STAGE = "shards"
 FORMAT = "twostream-shards"
@@ -204,10 +205,14 @@ def _frame_count(layout: DataLayout, video_id: str, frames: Record) -> int:
     return sum(1 for p in folder.iterdir() if p.name.startswith("img_") and p.suffix == ".jpg")
 
 
-def _plan_video(layout: DataLayout, entry, frames: Record) -> VideoPlan:
+def _plan_video(layout: DataLayout, entry, frames: Record, flow: Record) -> VideoPlan:
     n = _frame_count(layout, entry.video_id, frames)
     if n < 1:
         raise ValueError(f"{layout.frames_video_dir(entry.video_id)} holds no frames")
+    flows = flow.info.get("flows") if flow.info else None
+    if flows is not None and flows != n - 1:
+        raise ValueError(f"the flow ledger has {flows} pairs for {n} frames (expected {n - 1}): "
+                         f"the frames were redone after the flow; rerun `pipeline flow --force`")
     fdir, odir = layout.frames_video_dir(entry.video_id), layout.flow_video_dir(entry.video_id)
     rgb = tuple(str(fdir / frame_name(k)) for k in range(1, n + 1))
     flow = tuple(str(odir / name) for k in range(1, n) for name in flow_names(k))
@@ -238,7 +243,7 @@ def plan_shards(layout: DataLayout, index: DatasetIndex, shard_bytes: int
             failed[entry.video_id] = reason
             continue
         try:
-            v = _plan_video(layout, entry, frames[entry.video_id])
+            v = _plan_video(layout, entry, frames[entry.video_id], flow[entry.video_id])
         except (OSError, ValueError) as e:
             failed[entry.video_id] = f"{type(e).__name__}: {e}"
             continue
@@ -382,12 +387,25 @@ def build_one_shard(plan: ShardPlan, final: str) -> list[Record]:
             tmp.unlink(missing_ok=True)
             left_out[e.video_id] = e.reason
             continue
+        except Exception as e:  # the shard's fault, not a video's: all its videos fail
+            tmp.unlink(missing_ok=True)
+            if _storage_error(e):
+                return [Record(final.name, FATAL, f"{e} while writing {final}")]
+            reason = f"writing {final.name} failed: {type(e).__name__}: {e}"
+            return [Record(v.video_id, FAILED, reason) for v in plan.videos]
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
         os.replace(tmp, final)
         _fsync_dir(final.parent)
         return _records(final.name, packed, left_out)
+
+
+def _storage_error(e: Exception) -> bool:
+    """A full or read-only disk (HDF5 reports errno only inside its message)."""
+    if isinstance(e, OSError) and e.errno in STORAGE_ERRNOS:
+        return True
+    return any(os.strerror(n) in str(e) for n in STORAGE_ERRNOS)
 
 
 def _records(name: str, packed: Sequence, left_out: dict[str, str]) -> list[Record]:
@@ -484,6 +502,9 @@ def build_shards(data: Path, *, shard_bytes: int = DEFAULT_SHARD_BYTES, jobs: in
                         delayed(build_one_shard)(p, str(layout.shards_dir / p.name))
                         for p in todo)
                     for recs in results:
+                        if recs and recs[0].status == FATAL:  # its videos stay pending
+                            raise StorageFull(f"{STAGE}: {recs[0].reason}; {summary.done_now} "
+                                              f"videos packed before it. Free space and rerun.")
                         ledger.append(recs)
                         for r in recs:
                             if r.status == DONE:
