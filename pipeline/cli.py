@@ -56,6 +56,37 @@ def demo_data(out: Path, seed: int):
     click.echo(str(generate_demo_dataset(out, seed=seed)))
 
 
+@cli.command("frames")
+@click.option("--videos", required=True,
+              type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Folder of videos: <class>/<video>.<ext> (UCF101 and HMDB51 archives as is).")
+@DATA_OPTION
+@click.option("--dataset", default="folders", show_default=True,
+              type=click.Choice(["folders", "ucf101", "hmdb51"]),
+              help="Layout of labels and splits (see preprocess/dataset_index.py).")
+@click.option("--splits", default=None, type=click.Path(exists=True, file_okay=False,
+                                                        path_type=Path),
+              help="Folder of the official split files [default: VIDEOS or VIDEOS/splits].")
+@click.option("--size", default=256, show_default=True, type=click.IntRange(1),
+              help="Frame size: SIZE x SIZE (squash) or short side (short-side).")
+@click.option("--resize", default="squash", show_default=True,
+              type=click.Choice(["squash", "short-side"]),
+              help="squash: IMRS's 256x256, aspect ignored; short-side: aspect kept.")
+@click.option("--jpeg-quality", default=95, show_default=True, type=click.IntRange(1, 100))
+@JOBS_OPTION
+@click.option("--scheduler", default=None, metavar="ADDRESS",
+              help="dask.distributed scheduler to run the videos on.")
+@FORCE_OPTION
+@clear_errors
+def frames(videos: Path, data: Path, dataset: str, splits: Path | None, size: int, resize: str,
+           jpeg_quality: int, jobs: int, scheduler: str | None, force: bool):
+    """Decode every frame of every video to DATA/frames/<class>/<video>/img_00001.jpg ..."""
+    from preprocess.frames import extract_frames
+    finish(extract_frames(videos, data, dataset=dataset, splits=splits, jobs=jobs, size=size,
+                          resize=resize, jpeg_quality=jpeg_quality, force=force,
+                          scheduler=scheduler))
+
+
 @cli.command("flow")
 @DATA_OPTION
 @click.option("--backend", default="auto", show_default=True,
@@ -125,6 +156,48 @@ def verify(data: Path, jobs: int):
     click.echo(report.report())
     if not report.ok:
         sys.exit(1)
+
+
+@cli.command("status")
+@DATA_OPTION
+@click.option("--max-failures", default=20, show_default=True, type=click.IntRange(0),
+              help="Failed videos listed per stage (all are in DATA/meta/<stage>.ledger.jsonl).")
+@clear_errors
+def status(data: Path, max_failures: int):
+    """Per stage: how many videos are done, failed (with reasons) and pending."""
+    click.echo(status_report(DataLayout(data), max_failures=max_failures))
+
+
+STATUS_STAGES = ("frames", "flow", "shards")
+
+
+def status_report(layout: DataLayout, *, max_failures: int = 20) -> str:
+    """The text of `pipeline status`: the index, then a table of stages, then the failures."""
+    from preprocess.dataset_index import DatasetIndex
+    from preprocess.runner import stage_status
+    if not layout.index_path.is_file():
+        raise FileNotFoundError(f"{layout.root} has no dataset index ({layout.index_path}); "
+                                f"run `pipeline frames` first")
+    index = DatasetIndex.load(layout.index_path)
+    items = [v.video_id for v in index.videos]
+    extra = sorted(p.name[:-len(".ledger.jsonl")] for p in layout.meta_dir.glob("*.ledger.jsonl"))
+    stages = list(STATUS_STAGES) + [s for s in extra if s not in STATUS_STAGES]
+    lines = [f"{layout.root}: {index.dataset} dataset, {len(items)} videos in "
+             f"{len(index.classes)} classes from {index.videos_root}"
+             + (f" ({len(index.missing)} listed but missing)" if index.missing else ""),
+             f"{'stage':<18}{'done':>8}{'failed':>8}{'pending':>9}"]
+    failures = []
+    for stage in stages:
+        st = stage_status(layout, stage, items)
+        note = "" if st["started"] else "  (not started)"
+        lines.append(f"{stage:<18}{st['done']:>8}{len(st['failed']):>8}{st['pending']:>9}{note}")
+        for n, (item, reason) in enumerate(sorted(st["failed"].items())):
+            if n == max_failures:
+                failures.append(f"  {stage}: ... and {len(st['failed']) - n} more in "
+                                f"{layout.ledger_path(stage)}")
+                break
+            failures.append(f"  {stage} FAILED {item}: {reason}")
+    return "\n".join(lines + (["failed videos:"] + failures if failures else []))
 
 
 def main():
