@@ -80,7 +80,32 @@ def _limit_threads() -> None:
         sys.modules["torch"].set_num_threads(1)
 
 
-def _run_one(work: Callable[[str], dict], item: str) -> Record:
+_DIES_WITH_PARENT = False
+
+
+def _die_with_parent(parent: int | None) -> None:
+    """In a local worker process, be SIGKILLed when the stage's process dies.
+
+    Without this, a worker orphaned by `kill -9` of the stage finishes its video and publishes
+    it while the rerun is redoing the same video (a race on the final name). Only direct
+    children of the stage's process are affected: in-process runs and cluster workers are not.
+    """
+    global _DIES_WITH_PARENT
+    if _DIES_WITH_PARENT or parent is None or os.getppid() != parent:
+        return
+    try:
+        import ctypes
+        import signal
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG (Linux)
+    except (OSError, AttributeError):
+        return
+    _DIES_WITH_PARENT = True
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _run_one(work: Callable[[str], dict], item: str, parent: int | None = None) -> Record:
+    _die_with_parent(parent)
     _limit_threads()
     try:
         info = work(item) or {}
@@ -145,7 +170,8 @@ def run_stage(stage: str, layout: DataLayout, items: Sequence[str],
                     else:
                         n_jobs = max(1, min(jobs, len(todo)))
                     results = Parallel(n_jobs=n_jobs, return_as="generator_unordered",
-                                       batch_size=1)(delayed(_run_one)(work, i) for i in todo)
+                                       batch_size=1)(delayed(_run_one)(work, i, os.getpid())
+                                                    for i in todo)
                     for rec in results:
                         if rec.status == FATAL:  # left pending; the temporary output is gone
                             raise StorageFull(f"{stage}: {rec.reason}; {summary.done_now} videos "
