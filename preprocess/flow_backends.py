@@ -5,7 +5,9 @@ Facciolo, IPOL 2013); seed 000 section 4.2.1 uses OpenCV's default parameters, p
 `TVL1Config`.
 
 - `opencv`: `cv2.optflow.DualTVL1OpticalFlow` on the CPU: the reference. One instance per
-  worker process (instances are not thread-safe), cached in a module-level variable.
+  worker process (instances are not thread-safe), cached in a module-level variable; its
+  scale count is reset before every pair, because `calc` lowers it for images too small for
+  5 scales and keeps it lowered (OpenCV 5.0), which would make results depend on history.
 - `opencv-cuda`: `cv2.cuda.OpticalFlowDual_TVL1`, when OpenCV was built with CUDA. It is NOT the
   same algorithm: no median filtering of the flow between warps, another bicubic kernel and
   border rule in the warps, and one `iterations` count (300 = 30 inner x 10 outer) for the
@@ -145,7 +147,11 @@ def pair_flow(backend: str, prev: np.ndarray, nxt: np.ndarray) -> np.ndarray:
     For the pairwise backends (opencv, opencv-cuda); the torch backend works in batches.
     """
     if backend == "opencv":
-        return _opencv_instance().calc(prev, nxt, None)
+        alg = _opencv_instance()
+        # calc() lowers the object's scale count for a small image and never restores it, so a
+        # cached instance would compute later, larger videos with fewer scales: reset it.
+        alg.setScalesNumber(TVL1Config().nscales)
+        return alg.calc(prev, nxt, None)
     if backend == "opencv-cuda":
         import cv2
         g0, g1 = cv2.cuda_GpuMat(), cv2.cuda_GpuMat()
