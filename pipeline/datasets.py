@@ -217,12 +217,16 @@ def decode_frames(jpegs: Sequence, modality: str, device=None) -> torch.Tensor:
 
 
 def read_frames(video: ShardVideo, modality: str, indices: Sequence[int]) -> np.ndarray:
-    """Decoded frames at `indices` (CPU): uint8 (T, H, W, 3) RGB, or (T, H, W, 2) flow x, y."""
+    """Decoded frames at `indices` (CPU): uint8 (T, H, W, 3) RGB, or (T, H, W, 2) flow x, y.
+
+    The flow array is a strided view (x and y planes stay apart): copying it whole would cost
+    more than the crop that follows needs.
+    """
     jpegs = read_jpegs(video, modality, indices)
     if modality == "rgb":
         return decode_cpu(jpegs, RGB)
     g = decode_cpu(jpegs, GRAY)[..., 0]
-    return np.ascontiguousarray(g.reshape(len(indices), 2, *g.shape[1:]).transpose(0, 2, 3, 1))
+    return g.reshape(len(indices), 2, *g.shape[1:]).transpose(0, 2, 3, 1)
 
 
 # --- views and clips ------------------------------------------------------------------------
@@ -262,22 +266,26 @@ def make_clip(rgb=None, flow=None, *, crop_box: tuple[int, int, int, int], flip:
     """
     top, left, h, w = crop_box
     out = {}
-    if rgb is not None:
-        x = torch.as_tensor(rgb)[:, top:top + h, left:left + w]
+    for name, frames in (("rgb", rgb), ("flow", flow)):
+        if frames is None:
+            continue
+        x = torch.as_tensor(frames)[:, top:top + h, left:left + w]   # (T, h, w, C), a view
         if flip:
             x = x.flip(2)
-        x = x.permute(3, 0, 1, 2).float()                       # (3, T, h, w)
-        mean = torch.tensor(norm.rgb_mean, device=x.device).view(3, 1, 1, 1)
-        std = torch.tensor(norm.rgb_std, device=x.device).view(3, 1, 1, 1)
-        out["rgb"] = (x - mean) / std
-    if flow is not None:
-        x = torch.as_tensor(flow)[:, top:top + h, left:left + w]
-        if flip:
-            x = x.flip(2)
-        x = x.permute(3, 0, 1, 2).float()                       # (2, T, h, w)
-        if flip:
-            x[0] = 255.0 - x[0]
-        out["flow"] = (x - norm.flow_mean) / norm.flow_std
+        # One strided uint8 -> float32 copy into (C, T, h, w), then in-place arithmetic.
+        y = torch.empty((x.shape[3], x.shape[0], h, w), dtype=torch.float32, device=x.device)
+        y.copy_(x.permute(3, 0, 1, 2))
+        if name == "rgb":
+            y.sub_(torch.tensor(norm.rgb_mean, device=y.device).view(3, 1, 1, 1))
+            if any(sd != 1.0 for sd in norm.rgb_std):
+                y.div_(torch.tensor(norm.rgb_std, device=y.device).view(3, 1, 1, 1))
+        else:
+            if flip:
+                y[0].neg_().add_(255.0)                                 # q -> 255 - q
+            y.sub_(norm.flow_mean)
+            if norm.flow_std != 1.0:
+                y.div_(norm.flow_std)
+        out[name] = y
     return out
 
 
@@ -313,6 +321,7 @@ class _ShardVideos(Dataset):
     """The videos of a subset with at least one flow pair (see the module docstring)."""
 
     def __init__(self, data, split: int, subset: str):
+        self.data = Path(data)
         chosen = list_videos(data, split, subset)
         usable = [v for v in chosen if v.n_flows >= 1]
         self.skipped = len(chosen) - len(usable)
@@ -321,6 +330,10 @@ class _ShardVideos(Dataset):
     @property
     def labels(self) -> list[int]:
         return [v.label for v in self.videos]
+
+    def read(self, video: ShardVideo, modality: str, indices: Sequence[int]) -> np.ndarray:
+        """Decoded frames of `video` (see read_frames); the one place items read from."""
+        return read_frames(video, modality, indices)
 
 
 class ClipDataset(_ShardVideos):
@@ -381,7 +394,7 @@ class EvalClipDataset(_ShardVideos):
 
 def _clip_item(ds, video: ShardVideo, start: int, view: View) -> dict:
     idx = clip_indices(start, ds.clip_len, video.n_flows)
-    frames = {m: read_frames(video, m, idx) for m in ds.modalities}
+    frames = {m: ds.read(video, m, idx) for m in ds.modalities}
     any_frames = next(iter(frames.values()))
     box = view.crop_box(any_frames.shape[1], any_frames.shape[2], ds.crop)
     item = make_clip(frames.get("rgb"), frames.get("flow"), crop_box=box, flip=view.flip,
@@ -415,11 +428,11 @@ class SegmentDataset(_ShardVideos):
         v = self.videos[i]
         starts = segment_starts(v.n_flows, self.num_segments, self.new_length, self.train)
         view = random_view() if self.train else CENTRE
-        rgb = read_frames(v, "rgb", starts) if "rgb" in self.modalities else None
+        rgb = self.read(v, "rgb", starts) if "rgb" in self.modalities else None
         flow = None
         if "flow" in self.modalities:
             idx = [j for t in starts for j in clip_indices(t, self.new_length, v.n_flows)]
-            flow = read_frames(v, "flow", idx)
+            flow = self.read(v, "flow", idx)
         ref = rgb if rgb is not None else flow
         box = view.crop_box(ref.shape[1], ref.shape[2], self.crop)
         clip = make_clip(rgb, flow, crop_box=box, flip=view.flip, norm=self.norm)
@@ -438,22 +451,37 @@ class SegmentDataset(_ShardVideos):
 class JpegClipDataset(ClipDataset):
     """ClipDataset's sampling, but items carry the undecoded JPEGs and the drawn view, so the
     whole batch is decoded at once on the GPU by `decode_clip_batch` (workers only read bytes).
-    Collate with `collate_jpeg_clips`."""
+
+    Item: {"<m>_jpeg": uint8 (bytes,) the clip's JPEGs back to back, "<m>_sizes": int64 (T,) or
+    (2T,) for flow (x, y per pair), "view": float32 (3,) top, left, flip, "label", "video",
+    "start"}. Tensors, so DataLoader workers hand them over in shared memory. Collate with
+    `collate_jpeg_clips`.
+    """
 
     def __getitem__(self, i: int) -> dict:
         start, view = self.draw(i)
         v = self.videos[i]
         idx = clip_indices(start, self.clip_len, v.n_flows)
-        item = {f"{m}_jpeg": read_jpegs(v, m, idx) for m in self.modalities}
-        item.update(view=(view.top, view.left, view.flip), label=v.label, video=v.index,
-                    start=start)
+        item = {}
+        for m in self.modalities:
+            jpegs = read_jpegs(v, m, idx)
+            item[f"{m}_jpeg"] = torch.from_numpy(np.concatenate(jpegs))
+            item[f"{m}_sizes"] = torch.tensor([len(j) for j in jpegs], dtype=torch.int64)
+        item.update(view=torch.tensor([view.top, view.left, float(view.flip)]), label=v.label,
+                    video=v.index, start=start)
         return item
 
 
 def collate_jpeg_clips(items: list[dict]) -> dict:
-    out = {k: [it[k] for it in items] for k in items[0] if k.endswith("_jpeg") or k == "view"}
-    for k in ("label", "video", "start"):
-        out[k] = torch.tensor([it[k] for it in items])
+    """Concatenate JpegClipDataset items: bytes and sizes back to back, views (B, 3)."""
+    out = {}
+    for k in items[0]:
+        if k.endswith("_jpeg") or k.endswith("_sizes"):
+            out[k] = torch.cat([it[k] for it in items])
+        elif k == "view":
+            out[k] = torch.stack([it[k] for it in items])
+        else:
+            out[k] = torch.tensor([it[k] for it in items])
     return out
 
 
@@ -466,21 +494,20 @@ def decode_clip_batch(batch: dict, *, crop: int = 112, device=None,
     """
     out = {}
     views = batch["view"]
-    b = len(views)
+    b = views.shape[0]
     for m in MODALITIES:
-        key = f"{m}_jpeg"
-        if key not in batch:
+        if f"{m}_jpeg" not in batch:
             continue
-        flat = [j for clip in batch[key] for j in clip]
-        frames = decode_frames(flat, m, device)                       # (B*T, H, W, C)
+        jpegs = torch.split(batch[f"{m}_jpeg"], batch[f"{m}_sizes"].tolist())
+        frames = decode_frames(jpegs, m, device)                      # (B*T, H, W, C)
         t = frames.shape[0] // b
         frames = frames.reshape(b, t, *frames.shape[1:])              # (B, T, H, W, C)
         h, w = frames.shape[2], frames.shape[3]
-        boxes = [View(*v).crop_box(h, w, crop) for v in views]
+        boxes = [View(float(v[0]), float(v[1])).crop_box(h, w, crop) for v in views]
         dev = frames.device
         ar = torch.arange(crop, device=dev)
         rows = torch.tensor([bx[0] for bx in boxes], device=dev)[:, None] + ar    # (B, crop)
-        flips = torch.tensor([bool(v[2]) for v in views], device=dev)
+        flips = (views[:, 2] > 0.5).to(dev)
         cols = torch.tensor([bx[1] for bx in boxes], device=dev)[:, None] + ar
         cols = torch.where(flips[:, None], cols.flip(1), cols)
         bi = torch.arange(b, device=dev)[:, None, None]
