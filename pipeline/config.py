@@ -188,7 +188,10 @@ def load_train_config(kind: str, *, config_file: Path | None = None,
 
 def config_from_dict(d: Mapping[str, Any]) -> TrainConfig:
     """Read back a config.json (the resolved config of a run)."""
-    return apply_overrides(TrainConfig(kind=d.get("kind", "teacher")), dict(d), "config.json")
+    kind = d.get("kind", "teacher")
+    if kind not in KINDS:
+        raise ValueError(f"config.json: kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    return apply_overrides(TrainConfig(kind=kind, **KIND_DEFAULTS[kind]), dict(d), "config.json")
 
 
 def config_diff(recorded: TrainConfig, now: TrainConfig) -> list[str]:
@@ -200,3 +203,35 @@ def config_diff(recorded: TrainConfig, now: TrainConfig) -> list[str]:
 
 def dump_json(cfg) -> str:
     return json.dumps(dataclasses.asdict(cfg), indent=2, sort_keys=True) + "\n"
+
+
+# The fixed spatial views of the teacher-feature cache: centre + 4 corners, each unflipped and
+# flipped, as (top, left) fractions of the free crop range (pipeline.datasets.View).
+FIVE_CROPS = ((0.5, 0.5), (0.0, 0.0), (0.0, 1.0), (1.0, 0.0), (1.0, 1.0))
+
+
+@dataclass(frozen=True)
+class FeatureConfig:
+    """The grid of teacher inputs cached by `teacher-features` (part of the cache key).
+
+    Windows start at 0, stride, 2*stride, ... while a clip of clip_len flows fits (one looped
+    window for shorter videos); each window is cut by every view in `crops` x `flips`.
+    """
+    stride: int = 8
+    crops: tuple[tuple[float, float], ...] = FIVE_CROPS
+    flips: tuple[bool, ...] = (False, True)
+    subset: str = "train"            # which videos of the teacher's split are cached
+    amp: str = "off"                 # off: fp32 teacher; bf16: autocast on CUDA
+    batch_size: int = 32
+    workers: int = 2
+    device: str = "auto"
+
+    def __post_init__(self):
+        if self.stride < 1:
+            raise ValueError(f"stride must be >= 1, got {self.stride}")
+        if not self.crops or not self.flips:
+            raise ValueError("the view grid needs at least one crop and one flip setting")
+        if self.subset not in ("train", "test", "all"):
+            raise ValueError(f"subset must be train, test or all, got {self.subset!r}")
+        if self.amp not in ("off", "bf16"):
+            raise ValueError(f"amp must be off or bf16, got {self.amp!r}")

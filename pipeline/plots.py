@@ -96,6 +96,17 @@ class Panel:
     title: str
     ylabel: str
     series: dict[str, tuple[Sequence[float], Sequence[float]]] = field(default_factory=dict)
+    # optional per-series (palette index, dashed); default: the series' position, solid
+    styles: dict[str, tuple[int, bool]] = field(default_factory=dict)
+
+
+def _dashed(img, pts: Sequence[tuple[int, int]], colour, dash: int = 6) -> None:
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        n = max(1, int(math.hypot(x1 - x0, y1 - y0) // dash))
+        for k in range(0, n, 2):
+            a, b = k / n, min(1.0, (k + 1) / n)
+            cv2.line(img, (int(x0 + a * (x1 - x0)), int(y0 + a * (y1 - y0))),
+                     (int(x0 + b * (x1 - x0)), int(y0 + b * (y1 - y0))), colour, 2, cv2.LINE_AA)
 
 
 def _nice_ticks(lo: float, hi: float, n: int = 5, integer: bool = False) -> list[float]:
@@ -111,8 +122,11 @@ def _nice_ticks(lo: float, hi: float, n: int = 5, integer: bool = False) -> list
 
 
 def line_chart_image(panel: Panel, width: int = 480, height: int = 320) -> np.ndarray:
+    """One chart of `width` x `height` plot area plus a legend column on its right."""
+    legend_w = max([_text_size(n, 0.35)[0] for n in panel.series] + [0]) + 35
+    width += legend_w  # the legend sits right of the plot, never over the lines
     img = np.full((height, width, 3), 255, np.uint8)
-    left, right, top, bottom = 60, 15, 45, 45
+    left, right, top, bottom = 60, 15 + legend_w, 45, 45
     pts = [(x, y) for xs, ys in panel.series.values() for x, y in zip(xs, ys)
            if y is not None and math.isfinite(y)]
     _text(img, panel.title, ((width - _text_size(panel.title, 0.5)[0]) / 2, 20), 0.5)
@@ -143,16 +157,22 @@ def line_chart_image(panel: Panel, width: int = 480, height: int = 320) -> np.nd
     cv2.rectangle(img, (left, top), (left + pw, top + ph), GREY, 1)
     _text(img, "epoch", (left + pw / 2 - 20, height - 8))
     _text(img, panel.ylabel, (5, top - 8), 0.35)
+    lx = left + pw + 15
     for i, (name, (xs, ys)) in enumerate(panel.series.items()):
-        colour = PALETTE[i % len(PALETTE)]
+        index, dashed = panel.styles.get(name, (i, False))
+        colour = PALETTE[index % len(PALETTE)]
         line = [px(x, y) for x, y in zip(xs, ys) if y is not None and math.isfinite(y)]
-        if len(line) > 1:
+        if len(line) > 1 and dashed:
+            _dashed(img, line, colour)
+        elif len(line) > 1:
             cv2.polylines(img, [np.array(line, np.int32)], False, colour, 2, cv2.LINE_AA)
         for p in line:
             cv2.circle(img, p, 3, colour, -1, cv2.LINE_AA)
         ly = top + 12 + 14 * i  # legend, top right
-        lx = left + pw - 10 - max(_text_size(n, 0.35)[0] for n in panel.series) - 25
-        cv2.line(img, (lx, ly - 4), (lx + 18, ly - 4), colour, 2)
+        if dashed:
+            _dashed(img, [(lx, ly - 4), (lx + 18, ly - 4)], colour, 4)
+        else:
+            cv2.line(img, (lx, ly - 4), (lx + 18, ly - 4), colour, 2)
         _text(img, name, (lx + 22, ly), 0.35)
     return img
 
