@@ -533,7 +533,8 @@ def open_shard(path: Path, **kwargs) -> h5py.File:
     if f.attrs.get("format") != FORMAT or f.attrs.get("format_version") != FORMAT_VERSION:
         found = (f.attrs.get("format"), f.attrs.get("format_version"))
         f.close()
-        raise ShardError(f"{Path(path).name}: not a {FORMAT} v{FORMAT_VERSION} shard (found {found})")
+        raise ShardError(f"{Path(path).name}: not a {FORMAT} v{FORMAT_VERSION} shard "
+                         f"(found {found})")
     return f
 
 
@@ -681,23 +682,33 @@ def verify(data: Path, *, jobs: int = 1) -> VerifyReport:
 
 
 def _check_ledger(layout: DataLayout, paths: Iterable[Path], unreadable: set[str]) -> list[str]:
+    """Shards against the ledgers: each video in one shard, where the shards ledger says, with
+    the frame count the frames ledger recorded."""
     where: dict[str, str] = {}
+    frames_in_shard: dict[str, int] = {}
     problems = []
     for p in paths:
         try:
             with open_shard(p) as f:
                 ids = [s.decode() if isinstance(s, bytes) else s for s in f["video_id"][()]]
+                counts = [int(n) for n in f["n_frames"][()]]
         except (ShardError, KeyError, OSError):
             continue  # already reported by _verify_one
-        for vid in ids:
+        for vid, n in zip(ids, counts):
             if vid in where:
                 problems.append(f"{p.name}: video {vid} is also in {where[vid]}")
             where[vid] = p.name
+            frames_in_shard[vid] = n
     for vid, rec in Ledger(layout.ledger_path(STAGE)).load().items():
         if (rec.status == DONE and rec.info.get("shard") not in unreadable
                 and where.get(vid) != rec.info.get("shard")):
             problems.append(f"{rec.info.get('shard')}: video {vid} recorded as packed there "
                             f"but found in {where.get(vid, 'no shard')}")
+    for vid, rec in Ledger(layout.ledger_path("frames")).load().items():
+        n = rec.info.get("frames") if rec.status == DONE and rec.info else None
+        if vid in frames_in_shard and n is not None and n != frames_in_shard[vid]:
+            problems.append(f"{where[vid]}: video {vid} holds {frames_in_shard[vid]} frames, "
+                            f"the frames ledger says {n} (rerun `pipeline shards`)")
     return problems
 
 

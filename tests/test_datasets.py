@@ -209,9 +209,9 @@ def test_segments_tsn_sampling_and_interleaved_flow_stack(data):
         crop = (slice(lo, lo + CROP), slice(lo, lo + CROP))
         assert torch.equal(item["rgb"][s], torch.from_numpy(rgb[0][crop]).permute(2, 0, 1).float())
         for k in range(2):     # channels x_t, y_t, x_t+1, y_t+1
-            assert torch.equal(item["flow"][s, 2 * k], torch.from_numpy(flow[k][crop][..., 0]).float())
-            assert torch.equal(item["flow"][s, 2 * k + 1],
-                               torch.from_numpy(flow[k][crop][..., 1]).float())
+            for c in range(2):
+                assert torch.equal(item["flow"][s, 2 * k + c],
+                                   torch.from_numpy(flow[k][crop][..., c]).float())
     train = SegmentDataset(data, subset="all", num_segments=3, new_length=10, crop=CROP)
     out = train[0]   # 10-pair stacks from 8 flows loop
     assert out["flow"].shape == (3, 20, CROP, CROP) and out["rgb"].shape == (3, 3, CROP, CROP)

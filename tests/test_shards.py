@@ -269,3 +269,15 @@ def test_parse_size():
     assert parse_size("65536") == 65536 and parse_size("1.5k") == 1500
     with pytest.raises(ValueError, match="size"):
         parse_size("lots")
+
+
+def test_verify_checks_counts_against_tables_and_frames_ledger(upstream, tmp_path):
+    data = copy_data(upstream, tmp_path / "d")
+    build_shards(data, shard_bytes=1, progress=False)
+    paths = shard_paths(DataLayout(data))
+    with h5py.File(paths[2], "r+") as f:      # a table that disagrees with the payload
+        f["n_frames"][0] = f["n_frames"][0] + 1
+        vid = f["video_id"][0].decode()
+    problems = verify_shards(data)
+    assert f"{paths[2].name}: frame counts do not match the offset tables" in problems
+    assert any(p.startswith(f"{paths[2].name}: video {vid} holds") for p in problems)
