@@ -37,7 +37,7 @@ def data(tmp_path_factory):
         write_video(videos / cls / f"v_{cls}_{i}.avi", n, dx, seed=i)
     out = root / "data"
     extract_frames(videos, out, size=SIZE, progress=False)
-    compute_flow(out, backend="opencv", progress=False)
+    compute_flow(out, backend="auto", progress=False)     # opencv here; torch on a GPU
     build_shards(out, shard_bytes=20_000, progress=False)     # several shards
     return out
 
