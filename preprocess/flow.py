@@ -133,13 +133,14 @@ def flow_params(layout: DataLayout, backend: str, jpeg_quality: int) -> dict:
 
 def compute_flow(data: Path, *, backend: str = "auto", jobs: int = 1, jpeg_quality: int = 95,
                  force: bool = False, progress: bool = True, scheduler: str | None = None,
-                 devices: Sequence[str] | None = None) -> StageSummary:
+                 devices: Sequence[str] | None = None, pipeline=None) -> StageSummary:
     """Compute the flow of every video of DATA's index whose frames are extracted.
 
     `backend`: "auto" | "opencv" | "opencv-cuda" | "torch" (see preprocess.flow_backends).
     `jobs`: worker processes for the opencv backends; for torch, the JPEG decode/encode threads
     per device (at least 2). `scheduler`: a dask.distributed address (opencv backends only).
-    `devices`: torch devices to use (default: every visible GPU, else the CPU).
+    `devices`: torch devices to use (default: every visible GPU, else the CPU); `pipeline`: a
+    `flow_pipeline.PipelineConfig` for the torch backend (batch and chunk sizes).
     """
     from .dataset_index import DatasetIndex
 
@@ -167,7 +168,7 @@ def compute_flow(data: Path, *, backend: str = "auto", jobs: int = 1, jpeg_quali
     from .flow_pipeline import run_torch_stage
     return run_torch_stage(layout, ready, counts, params, jobs=jobs, force=force,
                            known_failures=not_ready, published=published, progress=progress,
-                           jpeg_quality=int(jpeg_quality), devices=devices)
+                           jpeg_quality=int(jpeg_quality), devices=devices, config=pipeline)
 
 
 @dataclass(frozen=True)

@@ -134,6 +134,8 @@ class DevicePipeline:
         self._tvl1 = tvl1_flow
         self._batch = cfg.batch_pairs
         self._caps: dict[tuple[int, ...], int] = {}
+        self.stats = {"pairs": 0, "batches": 0, "device_s": 0.0}  # device_s: inside tvl1 calls
+        self._started = time.monotonic()
         self._chunk = max(1, min(cfg.chunk_pairs, cfg.batch_pairs))
         self._ready: queue.Queue = queue.Queue()
         self._slots = threading.BoundedSemaphore(cfg.chunks_in_flight)
@@ -265,7 +267,11 @@ class DevicePipeline:
         while i < len(prev):
             b = min(self._batch, cap, len(prev) - i)
             try:
+                t = time.monotonic()
                 out[i:i + b] = self._flow(prev[i:i + b], nxt[i:i + b])
+                self.stats["device_s"] += time.monotonic() - t
+                self.stats["pairs"] += b
+                self.stats["batches"] += 1
             except _out_of_memory_error():
                 if b == 1:
                     raise
@@ -314,6 +320,12 @@ class DevicePipeline:
         self._thread.join()
         self._decode.shutdown()
         self._encode.shutdown()
+        wall = time.monotonic() - self._started
+        if self.stats["pairs"]:
+            log.info("flow on %s: %d pairs in %d batches, %.1f pairs/s; the device computed "
+                     "%.0f%% of the %.1f s", self.device, self.stats["pairs"],
+                     self.stats["batches"], self.stats["pairs"] / wall,
+                     100 * self.stats["device_s"] / wall, wall)
 
 
 # --- several devices: one worker process each ---------------------------------------------------
