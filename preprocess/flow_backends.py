@@ -64,14 +64,23 @@ def torch_cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def _importable(module: str) -> bool:
+    import importlib
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
+
+
 def resolve_backend(name: str) -> str:
     """The concrete backend for `name` ("auto" resolved), or BackendUnavailable saying why."""
     if name not in BACKENDS:
         raise ValueError(f"unknown flow backend {name!r}; choose one of {', '.join(BACKENDS)}")
     if name == "auto":
-        if torch_cuda_available():
+        if torch_cuda_available() and _importable("preprocess.tvl1_torch"):
             return "torch"
-        return "opencv-cuda" if opencv_cuda_available() else "opencv"
+        return resolve_backend("opencv-cuda" if opencv_cuda_available() else "opencv")
     if name == "opencv":
         import cv2
         if not hasattr(cv2, "optflow"):

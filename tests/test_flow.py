@@ -19,7 +19,8 @@ from click.testing import CliRunner
 
 from pipeline.cli import cli
 from preprocess.flow import compute_flow
-from preprocess.flow_backends import TVL1Config, pair_flow, resolve_backend
+from preprocess.flow_backends import (BackendUnavailable, TVL1Config, opencv_cuda_available,
+                                      pair_flow, resolve_backend)
 from preprocess.flow_pipeline import DevicePipeline, PipelineConfig, WorkerPool
 from preprocess.flow_quant import dequantize
 from preprocess.frames import extract_frames
@@ -236,6 +237,21 @@ def test_another_backend_is_refused_unless_forced(tmp_path):
     assert '"backend": "torch"' in (data / "meta" / "flow.params.json").read_text()
     np.testing.assert_allclose(interior_median(read_flows(data, "C/v")[0], 6), (1, 0),
                                atol=0.2)
+
+
+def test_backend_choice_and_unavailable_backends(tmp_path):
+    expected = "torch" if torch.cuda.is_available() else \
+        "opencv-cuda" if opencv_cuda_available() else "opencv"
+    assert resolve_backend("auto") == expected
+    with pytest.raises(ValueError, match="unknown flow backend 'tvl1'"):
+        resolve_backend("tvl1")
+    with pytest.raises(FileNotFoundError, match="run `pipeline frames`"):
+        compute_flow(tmp_path / "empty", backend="opencv", progress=False)
+    if not opencv_cuda_available():
+        data = make_data(tmp_path, {"C/v": translating(2, 32, 1, 0)}, size=32)
+        with pytest.raises(BackendUnavailable, match="needs an OpenCV built with CUDA"):
+            compute_flow(data, backend="opencv-cuda", progress=False)
+        assert not (data / "meta" / "flow.params.json").exists()  # refused before any work
 
 
 def test_kill_then_rerun_equals_an_uninterrupted_run(tmp_path):
