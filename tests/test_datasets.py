@@ -244,12 +244,17 @@ def test_cpu_decode_is_rgb_and_errors_name_the_buffer(data):
 
 @pytest.mark.gpu
 def test_gpu_decode_matches_cpu_within_jpeg_tolerance(data):
+    """nvjpeg and libjpeg-turbo agree on grey (flow) JPEGs; on colour they differ by chroma
+    upsampling (4:2:0): on an H200, mean 3.7 and max 27 levels on these chroma-rich textures
+    (torchvision's own test allows a mean of 2 on photographs). A swapped channel order, a wrong
+    crop or flip would be tens of levels on average."""
     assert gpu_decode_available()
     ds = JpegClipDataset(data, subset="all", clip_len=T, crop=CROP)
     torch.manual_seed(3)
     batch = collate_jpeg_clips([ds[i] for i in range(len(ds))])
     cpu = decode_clip_batch(batch, crop=CROP)
     gpu = decode_clip_batch(batch, crop=CROP, device="cuda")
-    for m in ("rgb", "flow"):
-        diff = (gpu[m].cpu() - cpu[m]).abs()
-        assert diff.mean() < 1.0 and diff.max() <= 8, (m, diff.mean(), diff.max())
+    flow = (gpu["flow"].cpu() - cpu["flow"]).abs()
+    assert flow.max() <= 1
+    rgb = (gpu["rgb"].cpu() - cpu["rgb"]).abs()
+    assert rgb.mean() < 5 and rgb.max() <= 48, (rgb.mean(), rgb.max())
