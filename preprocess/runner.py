@@ -91,7 +91,7 @@ def _die_with_parent(parent: int | None) -> None:
     children of the stage's process are affected: in-process runs and cluster workers are not.
     """
     global _DIES_WITH_PARENT
-    if _DIES_WITH_PARENT or parent is None or os.getppid() != parent:
+    if _DIES_WITH_PARENT or parent is None or os.getpid() == parent:
         return
     try:
         import ctypes
@@ -100,8 +100,8 @@ def _die_with_parent(parent: int | None) -> None:
     except (OSError, AttributeError):
         return
     _DIES_WITH_PARENT = True
-    if os.getppid() != parent:  # the parent died before prctl took effect
-        os._exit(1)
+    if os.getppid() != parent:  # the parent died before prctl took effect, or before this
+        os._exit(1)             # task (dispatched ahead) reached this worker: do not run it
 
 
 def _run_one(work: Callable[[str], dict], item: str, parent: int | None = None) -> Record:
@@ -169,13 +169,15 @@ def run_stage(stage: str, layout: DataLayout, items: Sequence[str],
                         n_jobs = -1
                     else:
                         n_jobs = max(1, min(jobs, len(todo)))
+                    parent = None if scheduler else os.getpid()  # cluster workers: no
                     results = Parallel(n_jobs=n_jobs, return_as="generator_unordered",
-                                       batch_size=1)(delayed(_run_one)(work, i, os.getpid())
+                                       batch_size=1)(delayed(_run_one)(work, i, parent)
                                                     for i in todo)
                     for rec in results:
                         if rec.status == FATAL:  # left pending; the temporary output is gone
-                            raise StorageFull(f"{stage}: {rec.reason}; {summary.done_now} videos "
-                                              f"finished before it. Free space and rerun.")
+                            raise StorageFull(f"{stage}: {rec.reason} (under {out_dir}); "
+                                              f"{summary.done_now} videos finished before it. "
+                                              f"Free space and rerun.")
                         ledger.append([rec])
                         if rec.status == DONE:
                             summary.done_now += 1
