@@ -144,34 +144,44 @@ def shard_paths(layout: DataLayout) -> list[Path]:
 
 # --- planning -------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class VideoPlan:
-    """One video to pack: where its JPEGs are and how large they were when planned."""
+    """One video to pack: where its JPEGs are and how large they were when planned.
+
+    Sizes are compact arrays and paths are derived on use: a UCF101 plan has millions of JPEGs.
+    """
     video_id: str
     class_name: str
     label: int
     splits: tuple[int, int, int]
-    rgb_paths: tuple[str, ...]
-    flow_paths: tuple[str, ...]          # x1, y1, x2, y2, ...
-    rgb_sizes: tuple[int, ...]
-    flow_sizes: tuple[int, ...]
+    frames_dir: str
+    flow_dir: str
+    rgb_sizes: np.ndarray               # int64 (N,)
+    flow_sizes: np.ndarray              # int64 (2(N-1),): x1, y1, x2, y2, ...
 
     @property
     def n_frames(self) -> int:
-        return len(self.rgb_paths)
+        return len(self.rgb_sizes)
 
     @property
     def n_flows(self) -> int:
-        return len(self.flow_paths) // 2
+        return len(self.flow_sizes) // 2
 
     @property
     def nbytes(self) -> int:
-        return sum(self.rgb_sizes) + sum(self.flow_sizes)
+        return int(self.rgb_sizes.sum() + self.flow_sizes.sum())
+
+    def rgb_paths(self) -> list[str]:
+        return [os.path.join(self.frames_dir, frame_name(k)) for k in range(1, self.n_frames + 1)]
+
+    def flow_paths(self) -> list[str]:
+        return [os.path.join(self.flow_dir, name)
+                for k in range(1, self.n_flows + 1) for name in flow_names(k)]
 
     def identity(self) -> list:
+        sizes = np.concatenate([self.rgb_sizes, self.flow_sizes]).astype("<i8").tobytes()
         return [self.video_id, self.class_name, self.label, list(self.splits),
-                hashlib.sha256(np.asarray(self.rgb_sizes + self.flow_sizes, "<i8").tobytes()
-                               + struct.pack("<q", self.n_frames)).hexdigest()]
+                hashlib.sha256(sizes + struct.pack("<q", self.n_frames)).hexdigest()]
 
 
 @dataclass(frozen=True)
@@ -214,16 +224,16 @@ def _plan_video(layout: DataLayout, entry, frames: Record, flow: Record) -> Vide
         raise ValueError(f"the flow ledger has {flows} pairs for {n} frames (expected {n - 1}): "
                          f"the frames were redone after the flow; rerun `pipeline flow --force`")
     fdir, odir = layout.frames_video_dir(entry.video_id), layout.flow_video_dir(entry.video_id)
-    rgb = tuple(str(fdir / frame_name(k)) for k in range(1, n + 1))
-    flow = tuple(str(odir / name) for k in range(1, n) for name in flow_names(k))
-    sizes = []
-    for p in rgb + flow:
-        try:
-            sizes.append(os.stat(p).st_size)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{p} is missing (the ledgers say the video is done)") from None
-    return VideoPlan(entry.video_id, entry.class_name, entry.label, tuple(entry.splits), rgb, flow,
-                     tuple(sizes[:n]), tuple(sizes[n:]))
+    plan = VideoPlan(entry.video_id, entry.class_name, entry.label, tuple(entry.splits),
+                     str(fdir), str(odir), np.empty(n, np.int64), np.empty(2 * (n - 1), np.int64))
+    for paths, sizes in ((plan.rgb_paths(), plan.rgb_sizes), (plan.flow_paths(), plan.flow_sizes)):
+        for i, p in enumerate(paths):
+            try:
+                sizes[i] = os.stat(p).st_size
+            except FileNotFoundError:
+                raise FileNotFoundError(f"{p} is missing (the ledgers say the video is "
+                                        f"done)") from None
+    return plan
 
 
 def plan_shards(layout: DataLayout, index: DatasetIndex, shard_bytes: int
@@ -323,17 +333,17 @@ def _write_shard(path: Path, plan: ShardPlan, left_out: dict[str, str]) -> list[
     n_p = sum(v.n_flows for v in videos)
     str_dt = h5py.string_dtype("utf-8")
     with h5py.File(path, "w", libver=LIBVER, track_order=False) as f:
-        rgb = _Payload(f, "rgb", sum(sum(v.rgb_sizes) for v in videos), n_f)
-        flow = _Payload(f, "flow", sum(sum(v.flow_sizes) for v in videos), 2 * n_p)
+        rgb = _Payload(f, "rgb", int(sum(v.rgb_sizes.sum() for v in videos)), n_f)
+        flow = _Payload(f, "flow", int(sum(v.flow_sizes.sum() for v in videos)), 2 * n_p)
         digests = []
         for v in videos:
             h = hashlib.sha256()
-            for p, s in zip(v.rgb_paths, v.rgb_sizes):
-                data = _read_jpeg(p, s, v.video_id)
+            for p, s in zip(v.rgb_paths(), v.rgb_sizes):
+                data = _read_jpeg(p, int(s), v.video_id)
                 _checksum_update(h, data)
                 rgb.add(data)
-            for p, s in zip(v.flow_paths, v.flow_sizes):
-                data = _read_jpeg(p, s, v.video_id)
+            for p, s in zip(v.flow_paths(), v.flow_sizes):
+                data = _read_jpeg(p, int(s), v.video_id)
                 _checksum_update(h, data)
                 flow.add(data)
             digests.append(h.hexdigest().encode("ascii"))
