@@ -68,7 +68,13 @@ parameters, and its videos' ids, labels, splits and JPEG sizes. A shard is writt
 temporary name (``.tmp-shard_...``) and renamed when complete; a rerun keeps every shard whose
 digest matches its plan and rebuilds the others, and removes shards beyond the plan. Killed at
 any moment, a rerun therefore gives files byte-identical to an uninterrupted run (HDF5 writes
-no timestamps with ``track_times=False`` and a pinned ``libver``; the test compares bytes).
+no timestamps with ``track_times=False`` and a pinned ``libver``; the tests compare bytes after
+a SIGKILL mid-shard, and between 1 and 2 workers).
+
+Bad input and damage. A video whose JPEG cannot be read, is truncated (no JPEG end marker) or
+changed since planning is left out of its shard (``left_out``) and recorded as failed naming
+the file; the shard's other videos are packed. `pipeline verify` names each damaged shard and
+video; deleting those shard files and rerunning `pipeline shards` rebuilds exactly them.
 """
 from __future__ import annotations
 
