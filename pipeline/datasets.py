@@ -30,7 +30,7 @@ worker. Every JPEG read is checked against its CRC-32 (a damaged shard raises Sh
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -118,12 +118,7 @@ class ShardIndex:
             raise ValueError(f"split {split!r}: expected 1, 2 or 3")
         want = {"train": TRAIN, "test": TEST}.get(subset)
         chosen = [v for v in self.videos if want is None or v.splits[split - 1] == want]
-        return [ShardVideo(i, *_fields(v)[1:]) for i, v in enumerate(chosen)]
-
-
-def _fields(v: ShardVideo) -> tuple:
-    return (v.index, v.video_id, v.class_name, v.label, v.splits, v.n_frames, v.n_flows,
-            v.shard, v.row, v.frame_start, v.flow_start)
+        return [replace(v, index=i) for i, v in enumerate(chosen)]
 
 
 def list_videos(data: Path, split: int = 1, subset: str = "all") -> list[ShardVideo]:
@@ -325,7 +320,7 @@ class _ShardVideos(Dataset):
         chosen = list_videos(data, split, subset)
         usable = [v for v in chosen if v.n_flows >= 1]
         self.skipped = len(chosen) - len(usable)
-        self.videos = [ShardVideo(i, *_fields(v)[1:]) for i, v in enumerate(usable)]
+        self.videos = [replace(v, index=i) for i, v in enumerate(usable)]
 
     @property
     def labels(self) -> list[int]:
