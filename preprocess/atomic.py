@@ -114,7 +114,14 @@ def clean_stale_temps(root: Path) -> int:
     for dirpath, dirnames, filenames in os.walk(root):
         for name in list(dirnames):
             if name.startswith(TMP_PREFIX):
-                shutil.rmtree(Path(dirpath) / name, ignore_errors=True)
+                # Renamed away first: a writer that still holds this folder (a cluster task
+                # whose driver was killed) can then no longer publish it half deleted.
+                trash = tmp_sibling(Path(dirpath) / name)
+                try:
+                    os.rename(Path(dirpath) / name, trash)
+                    shutil.rmtree(trash, ignore_errors=True)
+                except FileNotFoundError:
+                    pass  # its writer published it meanwhile, complete
                 dirnames.remove(name)
                 removed += 1
         for name in filenames:
