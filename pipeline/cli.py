@@ -200,6 +200,172 @@ def status_report(layout: DataLayout, *, max_failures: int = 20) -> str:
     return "\n".join(lines + (["failed videos:"] + failures if failures else []))
 
 
+# --- training, teacher features, evaluation, demo (pipeline/train.py, features.py, evaluate.py)
+
+def _train_options(fn):
+    """Options shared by the training commands; None means: from --config, else the paper."""
+    opts = [
+        click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False,
+                                                                 path_type=Path),
+                     help="TOML file of TrainConfig keys (pipeline/config.py); unknown keys "
+                          "are an error."),
+        click.option("--name", help="Run folder DATA/runs/NAME [default: <kind>_split<N>]."),
+        click.option("--split", type=click.IntRange(1, 3), help="Official split [1]."),
+        click.option("--epochs", type=click.IntRange(1)),
+        click.option("--batch-size", type=click.IntRange(1),
+                     help="Global batch, divided between torchrun processes."),
+        click.option("--lr", type=float,
+                     help="[0.1 from scratch, 0.001 with --pretrained; MAT-EffNet 0.01]"),
+        click.option("--workers", type=click.IntRange(0), help="DataLoader workers [4]."),
+        click.option("--device", help="auto | cpu | cuda | cuda:N [auto]."),
+        click.option("--pretrained", type=click.Path(exists=True, dir_okay=False),
+                     help="Local checkpoint to fine-tune from (pipeline/pretrained.py)."),
+        click.option("--deterministic/--no-deterministic", default=None,
+                     help="Deterministic algorithms: a resumed run equals an uninterrupted one."),
+        click.option("--seed", type=int),
+        click.option("--amp", type=click.Choice(["auto", "bf16", "off"]),
+                     help="bf16 autocast [auto: on CUDA]."),
+        click.option("--checkpoint-every", type=click.IntRange(1),
+                     help="Steps between mid-epoch checkpoints [200]."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return DATA_OPTION(fn)
+
+
+def _run_training(kind: str, data: Path, config_file: Path | None, feature_spec=None, **options):
+    from pipeline.config import load_train_config
+    from pipeline.train import Interrupted, train_run
+    cfg = load_train_config(kind, config_file=config_file, options=options)
+    try:
+        train_run(data, cfg, feature_spec=feature_spec)
+    except Interrupted as e:
+        click.echo(str(e), err=True)
+        sys.exit(143)
+
+
+@cli.command("train-teacher")
+@_train_options
+@click.option("--arch", type=click.Choice(["101", "50", "tiny"]), help="3D-ResNeXt depth [101].")
+@clear_errors
+def train_teacher(data: Path, config_file: Path | None, **options):
+    """The flow teacher: 3D-ResNeXt+CE on TV-L1 flow clips, cross-entropy (seed 000 eq. 7).
+
+    Rerunning resumes from DATA/runs/NAME/checkpoint.pt. Multi-GPU: torchrun --nproc_per_node
+    N $(which pipeline) train-teacher ...
+    """
+    _run_training("teacher", data, config_file, **options)
+
+
+@cli.command("train-rgb")
+@_train_options
+@click.option("--arch", type=click.Choice(["101", "50", "tiny"]), help="3D-ResNeXt depth [101].")
+@clear_errors
+def train_rgb(data: Path, config_file: Path | None, **options):
+    """The RGB-only baseline: the teacher's network and loss on RGB clips."""
+    _run_training("rgb", data, config_file, **options)
+
+
+@cli.command("teacher-features")
+@DATA_OPTION
+@click.option("--teacher", default="teacher_split1", show_default=True,
+              help="The teacher run (DATA/runs/TEACHER/model.pt).")
+@click.option("--stride", default=8, show_default=True, type=click.IntRange(1),
+              help="Frames between the starts of cached windows.")
+@click.option("--subset", default="train", show_default=True,
+              type=click.Choice(["train", "test", "all"]),
+              help="Videos of the teacher's split to cache.")
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1))
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(0))
+@click.option("--device", default="auto", show_default=True)
+@click.option("--amp", default="off", show_default=True, type=click.Choice(["off", "bf16"]))
+@clear_errors
+def teacher_features(data: Path, teacher: str, stride: int, subset: str, batch_size: int,
+                     workers: int, device: str, amp: str):
+    """Cache the frozen teacher's features over windows x (5 crops x 2 flips) in DATA/features."""
+    from pipeline.config import FeatureConfig
+    from pipeline.features import compute_teacher_features
+    spec = FeatureConfig(stride=stride, subset=subset, batch_size=batch_size, workers=workers,
+                         device=device, amp=amp)
+    summary = compute_teacher_features(data, teacher=teacher, spec=spec)
+    click.echo(f"cache: {summary.cache}")
+    finish(summary)
+
+
+@cli.command("distill")
+@_train_options
+@click.option("--arch", type=click.Choice(["101", "50", "tiny"]),
+              help="The student's 3D-ResNeXt depth (the teacher's, for eq. 8) [101].")
+@click.option("--teacher", help="Teacher run [teacher_split<N>].")
+@click.option("--online-teacher", is_flag=True, default=None,
+              help="Run the teacher on flow during training instead of reading the cache.")
+@click.option("--lambda1", type=float, help="Feature-distance weight [50].")
+@click.option("--lambda2", type=float, help="KL weight [200].")
+@click.option("--stride", default=8, show_default=True, type=click.IntRange(1),
+              help="The cache's window stride (as given to teacher-features).")
+@clear_errors
+def distill(data: Path, config_file: Path | None, stride: int, **options):
+    """IMRS: an RGB student distilled from cached flow-teacher features (seed 000, eq 8)."""
+    from pipeline.config import FeatureConfig
+    _run_training("distill", data, config_file, feature_spec=FeatureConfig(stride=stride),
+                  **options)
+
+
+@cli.command("train-two-stream")
+@_train_options
+@click.option("--stream", default="both", show_default=True,
+              type=click.Choice(["spatial", "temporal", "both"]))
+@click.option("--arch", type=click.Choice(["b0", "tiny"]), help="EfficientNet [b0].")
+@click.option("--segments", type=click.IntRange(1), help="Segments L per video [3].")
+@click.option("--dropout", type=float, help="[0.2]")
+@clear_errors
+def train_two_stream(data: Path, config_file: Path | None, stream: str, name: str | None,
+                     **options):
+    """MAT-EffNet spatial (RGB) and/or temporal (10 stacked flows) streams (seed 004)."""
+    for kind in (("spatial", "temporal") if stream == "both" else (stream,)):
+        _run_training(kind, data, config_file, name=f"{name}_{kind}" if name else None,
+                      **options)
+
+
+@cli.command("evaluate")
+@DATA_OPTION
+@click.option("--run", "runs", multiple=True, help="Run to score [default: every finished run].")
+@click.option("--fuse", "fusions", multiple=True, metavar="A+B",
+              help="Average the softmax scores of runs A and B [default: spatial+temporal and "
+                   "distill+teacher of each split].")
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1))
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(0))
+@click.option("--device", default="auto", show_default=True)
+@clear_errors
+def evaluate_cmd(data: Path, runs: tuple[str, ...], fusions: tuple[str, ...], batch_size: int,
+                 workers: int, device: str):
+    """Video-level top-1/top-5 per run and fusion: DATA/runs/results.md, .csv and PNGs."""
+    from pipeline.evaluate import EvalConfig, evaluate
+    evaluate(data, runs=runs or None, fusions=fusions or None,
+             cfg=EvalConfig(batch_size=batch_size, workers=workers, device=device))
+
+
+@cli.command("demo")
+@DATA_OPTION
+@click.option("--videos", default=Path("data/demo_videos"), show_default=True,
+              type=click.Path(file_okay=False, path_type=Path),
+              help="Where the demo videos are generated (kept if already there).")
+@JOBS_OPTION
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False,
+                                                         path_type=Path),
+              help="TOML overriding DemoConfig (pipeline/demo.py).")
+@clear_errors
+def demo(data: Path, videos: Path, jobs: int, config_file: Path | None):
+    """The whole chain on the demo dataset; rerun after a crash to finish what is left."""
+    from pipeline.demo import load_demo_config, run_demo
+    from pipeline.train import Interrupted
+    try:
+        run_demo(data, videos, jobs=jobs, cfg=load_demo_config(config_file))
+    except Interrupted as e:
+        click.echo(str(e), err=True)
+        sys.exit(143)
+
+
 def main():
     cli()
 

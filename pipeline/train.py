@@ -402,9 +402,11 @@ def fit(task: Task, cfg: TrainConfig, run_dir: Path, *, progress: bool = True,
     if paths.model.exists():
         log(f"{cfg.name}: already trained ({paths.model}); delete it to train again")
         return FitResult(paths.dir, read_log(paths.log))
-    if dist.main:
-        paths.dir.mkdir(parents=True, exist_ok=True)
-        if not paths.config.exists():
+    if not paths.config.exists():
+        # a bad geometry (crop larger than the frames ...) fails here, before the run exists
+        SeededItems(task.train_set, cfg.seed)[(0, 0)]
+        if dist.main:
+            paths.dir.mkdir(parents=True, exist_ok=True)
             write_text_atomic(paths.config, dump_json(cfg))
 
     amp, channels_last = _use_amp(cfg, device), _use_channels_last(cfg, device)

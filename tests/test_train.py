@@ -166,3 +166,33 @@ def test_sigterm_then_kill9_mid_epoch_then_resume_equals_uninterrupted(data, tmp
     strip = [{k: v for k, v in h.items() if k != "seconds"} for h in a["history"]]
     assert strip == [{k: v for k, v in h.items() if k != "seconds"} for h in b["history"]]
     assert [h["epoch"] for h in read_log(paths.log)] == [1, 2, 3]
+
+
+def test_cli_commands_chain_with_config_file_and_options(data, tmp_path):
+    from click.testing import CliRunner
+    from pipeline.cli import cli
+    d = copy_data(data, tmp_path / "data")
+    toml = tmp_path / "tiny.toml"
+    toml.write_text(f'arch = "tiny"\nclip_len = {CLIP_LEN}\ncrop = {CROP}\nepochs = 3\n'
+                    f'workers = 0\ndevice = "cpu"\n')
+    run = CliRunner().invoke
+    bad = run(cli, ["train-teacher", "--data", str(d), "--epochs", "1", "--crop", "99"])
+    assert bad.exit_code == 2 and "No such option '--crop'" in bad.output
+    big = run(cli, ["train-teacher", "--data", str(d), "--arch", "tiny", "--workers", "0"])
+    assert big.exit_code == 1 and "crop 112 is larger than the frames" in big.output
+    assert not (d / "runs" / "teacher_split1").exists()     # nothing half-made to refuse later
+    r = run(cli, ["train-teacher", "--data", str(d), "--config", str(toml), "--epochs", "1",
+                  "--batch-size", "3", "--lr", "0.05"])
+    assert r.exit_code == 0, r.output
+    cfg = json.loads((d / "runs" / "teacher_split1" / "config.json").read_text())
+    assert (cfg["epochs"], cfg["clip_len"], cfg["lr"], cfg["arch"]) == (1, CLIP_LEN, 0.05, "tiny")
+    r = run(cli, ["teacher-features", "--data", str(d), "--stride", "2", "--workers", "0"])
+    assert r.exit_code == 0 and "9/9 done" in r.output, r.output
+    r = run(cli, ["distill", "--data", str(d), "--config", str(toml), "--epochs", "1",
+                  "--batch-size", "3"])
+    assert r.exit_code == 1 and "view grid or clip geometry changed" in r.output
+    r = run(cli, ["distill", "--data", str(d), "--config", str(toml), "--epochs", "1",
+                  "--batch-size", "3", "--stride", "2"])
+    assert r.exit_code == 0, r.output
+    r = run(cli, ["evaluate", "--data", str(d), "--workers", "0", "--device", "cpu"])
+    assert r.exit_code == 0 and "| IMRS + flow teacher | distill_split1+teacher_split1 |" in r.output
