@@ -78,6 +78,7 @@ video; deleting those shard files and rerunning `pipeline shards` rebuilds exact
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -333,12 +334,101 @@ def _checksum_update(h, data: bytes) -> None:
     h.update(data)
 
 
+class _ReservedFile:
+    """A file whose disk space is reserved up front, handed to HDF5 as an empty file object.
+
+    Why: HDF5 meeting ENOSPC mid-write (h5py 3.16 / HDF5 2.0) fails the file's close and then
+    crashes the process when the half-closed objects are freed. Reserving the shard's size with
+    posix_fallocate first turns a full disk into a plain OSError before HDF5 writes a byte.
+    `reserve` must bound the file's final size; the unused tail is cut off at `finish`.
+    """
+
+    def __init__(self, path: Path, reserve: int):
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.posix_fallocate(self.fd, 0, reserve)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self.reserve, self.pos, self.size = reserve, 0, 0
+
+    # the file-object methods h5py's "fileobj" driver uses
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self.pos = offset + (self.pos if whence == 1 else self.size if whence == 2 else 0)
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def read(self, n: int = -1) -> bytes:
+        n = self.size - self.pos if n < 0 else max(0, min(n, self.size - self.pos))
+        data = os.pread(self.fd, n, self.pos) if n else b""
+        self.pos += len(data)
+        return data
+
+    def readinto(self, buf) -> int:
+        n = max(0, min(len(buf), self.size - self.pos))
+        data = os.pread(self.fd, n, self.pos) if n else b""
+        memoryview(buf)[:len(data)] = data
+        self.pos += len(data)
+        return len(data)
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        if self.pos + len(view) > self.reserve:
+            raise OSError(errno.ENOSPC, "shard larger than its reserved space")
+        done = 0
+        while done < len(view):
+            done += os.pwrite(self.fd, view[done:], self.pos + done)
+        self.pos += done
+        self.size = max(self.size, self.pos)
+        return done
+
+    def truncate(self, size: int | None = None) -> int:
+        self.size = self.pos if size is None else size
+        return self.size
+
+    def flush(self) -> None:
+        pass
+
+    def finish(self) -> None:
+        """Cut the reserved tail, make the file durable, close it."""
+        try:
+            os.ftruncate(self.fd, self.size)
+            os.fsync(self.fd)
+        finally:
+            os.close(self.fd)
+
+    def abandon(self) -> None:
+        os.close(self.fd)
+
+
+def _reserve_bytes(videos: Sequence[VideoPlan]) -> int:
+    """An upper bound on a shard file's size: payload, tables, HDF5 metadata (generously)."""
+    payload = sum(int(v.rgb_sizes.sum() + v.flow_sizes.sum()) for v in videos)
+    jpegs = sum(v.n_frames + 2 * v.n_flows for v in videos)
+    names = sum(len(v.video_id.encode()) + len(v.class_name.encode()) for v in videos)
+    return payload + 16 * jpegs + 256 * len(videos) + 2 * names + (1 << 20)
+
+
 def _write_shard(path: Path, plan: ShardPlan, left_out: dict[str, str]) -> list[VideoPlan]:
     videos = [v for v in plan.videos if v.video_id not in left_out]
+    target = _ReservedFile(path, _reserve_bytes(videos))
+    try:
+        _write_hdf5(target, plan, videos, left_out)
+    except BaseException:
+        target.abandon()
+        raise
+    target.finish()
+    return videos
+
+
+def _write_hdf5(target, plan: ShardPlan, videos: list[VideoPlan], left_out: dict[str, str]
+                ) -> None:
     n_f = sum(v.n_frames for v in videos)
     n_p = sum(v.n_flows for v in videos)
     str_dt = h5py.string_dtype("utf-8")
-    with h5py.File(path, "w", libver=LIBVER, track_order=False) as f:
+    with h5py.File(target, "w", libver=LIBVER, track_order=False) as f:
         rgb = _Payload(f, "rgb", int(sum(v.rgb_sizes.sum() for v in videos)), n_f)
         flow = _Payload(f, "flow", int(sum(v.flow_sizes.sum() for v in videos)), 2 * n_p)
         digests = []
@@ -382,9 +472,6 @@ def _write_shard(path: Path, plan: ShardPlan, left_out: dict[str, str]) -> list[
         f.attrs["shard"] = plan.index
         f.attrs["plan_digest"] = plan.digest
         f.attrs["left_out"] = json.dumps(left_out, sort_keys=True)
-    with open(path, "rb") as fh:
-        os.fsync(fh.fileno())
-    return videos
 
 
 def build_one_shard(plan: ShardPlan, final: str) -> list[Record]:
@@ -406,7 +493,8 @@ def build_one_shard(plan: ShardPlan, final: str) -> list[Record]:
         except Exception as e:  # the shard's fault, not a video's: all its videos fail
             tmp.unlink(missing_ok=True)
             if _storage_error(e):
-                return [Record(final.name, FATAL, f"{e} while writing {final}")]
+                what = os.strerror(e.errno) if getattr(e, "errno", None) else str(e)
+                return [Record(final.name, FATAL, f"{what} while writing {final}")]
             reason = f"writing {final.name} failed: {type(e).__name__}: {e}"
             return [Record(v.video_id, FAILED, reason) for v in plan.videos]
         except BaseException:
