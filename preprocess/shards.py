@@ -74,7 +74,9 @@ a SIGKILL mid-shard, and between 1 and 2 workers).
 Bad input and damage. A video whose JPEG cannot be read, is truncated (no JPEG end marker) or
 changed since planning is left out of its shard (``left_out``) and recorded as failed naming
 the file; the shard's other videos are packed. `pipeline verify` names each damaged shard and
-video; deleting those shard files and rerunning `pipeline shards` rebuilds exactly them.
+video; deleting those shard files and rerunning `pipeline shards` rebuilds exactly them. A
+full disk stops the stage with "No space left on device" and no partial shard: each shard's
+space is reserved (posix_fallocate) before HDF5 writes into it.
 """
 from __future__ import annotations
 
