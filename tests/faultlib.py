@@ -106,10 +106,15 @@ def pipeline_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "pipeline.cli", *map(str, args)]
 
 
-def run_pipeline(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    """Run `pipeline ARGS` to its end; stdout and stderr captured as text."""
+def _env(extra: dict[str, str] | None) -> dict[str, str] | None:
+    return None if not extra else {**os.environ, **extra}
+
+
+def run_pipeline(*args: str, timeout: float = 120, env: dict[str, str] | None = None
+                 ) -> subprocess.CompletedProcess:
+    """Run `pipeline ARGS` to its end (`env`: extra variables); output captured as text."""
     return subprocess.run(pipeline_cmd(*args), cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, env=_env(env))
 
 
 @dataclass
@@ -121,7 +126,8 @@ class Killed:
 
 
 def run_and_kill(args: Sequence[str], when: Callable[[], bool], *, moment: str = "",
-                 timeout: float = 60, poll: float = 0.002) -> Killed:
+                 timeout: float = 60, poll: float = 0.002,
+                 env: dict[str, str] | None = None) -> Killed:
     """Start `pipeline ARGS` in its own process group; SIGKILL the whole group once `when()`.
 
     The group is killed, workers included, as a node crash or `scancel` does. If the process
@@ -130,7 +136,8 @@ def run_and_kill(args: Sequence[str], when: Callable[[], bool], *, moment: str =
     """
     t0 = time.monotonic()
     proc = subprocess.Popen(pipeline_cmd(*args), cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            env=_env(env))
     fired = "exited"
     try:
         while proc.poll() is None:
