@@ -224,13 +224,19 @@ class _FFmpegLog:
     @contextmanager
     def capture(self) -> Iterator[None]:
         with _CAPTURE_LOCK:
-            saved = os.dup(2)
+            try:
+                saved = os.dup(2)
+            except OSError:  # no stderr at all (a daemon): leave none behind afterwards
+                saved = None
             os.dup2(self._file.fileno(), 2)
             try:
                 yield
             finally:
-                os.dup2(saved, 2)
-                os.close(saved)
+                if saved is None:
+                    os.close(2)
+                else:
+                    os.dup2(saved, 2)
+                    os.close(saved)
         size = os.fstat(self._file.fileno()).st_size
         if size > self._parsed:
             self._file.seek(self._parsed)

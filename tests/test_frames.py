@@ -211,6 +211,8 @@ def test_listed_but_missing_video_is_recorded_and_exit_status_is_1(tmp_path):
     assert "FAILED Run/v_Run_g02_c01: Run/v_Run_g02_c01.avi: listed in trainlist01.txt" \
         in result.output
     assert ledger(data)["Run/v_Run_g02_c01"].status == "failed"
+    with pytest.raises(ParamsMismatch, match="dataset: recorded 'ucf101', now 'folders'"):
+        run(videos, data)
     status = CliRunner().invoke(cli, ["status", "--data", str(data)])
     assert status.exit_code == 0
     lines = status.output.splitlines()
