@@ -16,9 +16,12 @@ SPLITS     ?= $(if $(filter $(VIDEOS),$(DEMO_VIDEOS)),$(DEMO_VIDEOS)/splits,)
 JOBS       ?= 2
 BACKEND    ?= auto
 FLOW_BACKEND ?= auto
+SCHEDULER  ?=
 PYTEST_ARGS ?=
 
 SPLITS_OPT := $(if $(SPLITS),--splits $(SPLITS),)
+# SCHEDULER=tcp://host:8786 runs the videos on a Dask cluster (README "Running on a cluster").
+SCHED_OPT  := $(if $(SCHEDULER),--scheduler $(SCHEDULER),)
 
 .PHONY: venv test demo demo-videos frames flow shards verify status features train clean-demo
 
@@ -38,13 +41,13 @@ demo-videos: venv
 	@if [ "$(VIDEOS)" = "$(DEMO_VIDEOS)" ]; then $(PIPELINE) demo-data --out $(DEMO_VIDEOS); fi
 
 frames: venv demo-videos
-	$(PIPELINE) frames --videos $(VIDEOS) --data $(DATA) --dataset $(DATASET) $(SPLITS_OPT) --jobs $(JOBS)
+	$(PIPELINE) frames --videos $(VIDEOS) --data $(DATA) --dataset $(DATASET) $(SPLITS_OPT) --jobs $(JOBS) $(SCHED_OPT)
 
 flow: venv
-	$(PIPELINE) flow --data $(DATA) --backend $(FLOW_BACKEND) --jobs $(JOBS)
+	$(PIPELINE) flow --data $(DATA) --backend $(FLOW_BACKEND) --jobs $(JOBS) $(SCHED_OPT)
 
 shards: venv
-	$(PIPELINE) shards --data $(DATA) --jobs $(JOBS)
+	$(PIPELINE) shards --data $(DATA) --jobs $(JOBS) $(SCHED_OPT)
 
 verify: venv
 	$(PIPELINE) verify --data $(DATA)
