@@ -157,6 +157,11 @@ def divergence(v1: torch.Tensor, v2: torch.Tensor) -> torch.Tensor:
     return div
 
 
+def hypot_f32(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """|(x, y)| computed in double and rounded to float, as tvl1flow.cpp's ``(float)hypot(x, y)``."""
+    return torch.hypot(x.double(), y.double()).float()
+
+
 def median_blur(u: torch.Tensor, ksize: int) -> torch.Tensor:
     """``cv::medianBlur`` of float images: k x k median, border replicated."""
     r = ksize // 2
@@ -287,8 +292,8 @@ def _solve_scale(i0, i1, u1, u2, u3, params: TVL1Params):
                 # dual step: p = (p + taut * grad u) / (1 + taut * |grad u|)
                 u1x, u1y = forward_gradient(nu1)
                 u2x, u2y = forward_gradient(nu2)
-                ng1 = 1.0 + taut * torch.hypot(u1x, u1y)
-                ng2 = 1.0 + taut * torch.hypot(u2x, u2y)
+                ng1 = 1.0 + taut * hypot_f32(u1x, u1y)
+                ng2 = 1.0 + taut * hypot_f32(u2x, u2y)
                 p11 = _where(active, (p11 + taut * u1x) / ng1, p11)
                 p12 = _where(active, (p12 + taut * u1y) / ng1, p12)
                 p21 = _where(active, (p21 + taut * u2x) / ng2, p21)
@@ -297,7 +302,7 @@ def _solve_scale(i0, i1, u1, u2, u3, params: TVL1Params):
                 u2 = _where(active, nu2, u2)
                 if use_gamma:
                     u3x, u3y = forward_gradient(nu3)
-                    ng3 = 1.0 + taut * torch.hypot(u3x, u3y)
+                    ng3 = 1.0 + taut * hypot_f32(u3x, u3y)
                     p31 = _where(active, (p31 + taut * u3x) / ng3, p31)
                     p32 = _where(active, (p32 + taut * u3y) / ng3, p32)
                     u3 = _where(active, nu3, u3)
