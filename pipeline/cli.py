@@ -9,7 +9,7 @@ import click
 
 from preprocess.layout import DataLayout
 from preprocess.ledger import ParamsMismatch, StageLocked
-from preprocess.runner import DataNotWritable, StageSummary
+from preprocess.runner import DataNotWritable, StageSummary, StorageFull
 
 DATA_OPTION = click.option("--data", "data", required=True,
                            type=click.Path(file_okay=False, path_type=Path),
@@ -26,7 +26,8 @@ def clear_errors(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (ParamsMismatch, StageLocked, DataNotWritable, FileNotFoundError, ValueError) as e:
+        except (ParamsMismatch, StageLocked, DataNotWritable, StorageFull, FileNotFoundError,
+                ValueError) as e:
             raise click.ClickException(str(e)) from None
     return wrapper
 
