@@ -25,7 +25,7 @@ from preprocess.flow_pipeline import DevicePipeline, PipelineConfig, WorkerPool
 from preprocess.flow_quant import dequantize
 from preprocess.frames import extract_frames
 from preprocess.layout import DataLayout, flow_names, frame_name
-from preprocess.ledger import DONE, FAILED, Ledger, ParamsMismatch
+from preprocess.ledger import DONE, Ledger, ParamsMismatch
 from preprocess.runner import stage_status
 
 REPO = Path(__file__).resolve().parents[1]
