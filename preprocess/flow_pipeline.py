@@ -290,12 +290,25 @@ class DevicePipeline:
             self._caps[shape] = batch_size_for(int(shape[0]), int(shape[1]), device=self.device)
         return self._caps[shape]
 
+    def _padded_size(self, b: int) -> int:
+        """The batch size to run `b` pairs at: on CUDA the next power of two (at most the batch).
+
+        The fused CUDA TV-L1 keeps one solver (buffers, CUDA graphs) per batch size, so sizes
+        must come from a small set; the padding pairs are blank and stop after one iteration.
+        """
+        if self.device.type != "cuda":
+            return b
+        return max(b, min(self._batch, 1 << (b - 1).bit_length()))
+
     def _flow(self, prev: np.ndarray, nxt: np.ndarray) -> np.ndarray:
         import torch
+        b, size = len(prev), self._padded_size(len(prev))
         with torch.inference_mode():
-            p = torch.from_numpy(prev).to(self.device, non_blocking=True).float()
-            n = torch.from_numpy(nxt).to(self.device, non_blocking=True).float()
-            flow = self._tvl1(p, n)  # (B, 2, H, W): x then y, in pixels
+            p = torch.zeros((size,) + prev.shape[1:], dtype=torch.float32, device=self.device)
+            n = torch.zeros_like(p)
+            p[:b] = torch.from_numpy(prev).to(self.device)
+            n[:b] = torch.from_numpy(nxt).to(self.device)
+            flow = self._tvl1(p, n)[:b]  # (b, 2, H, W): x then y, in pixels
             return quantize(flow).cpu().numpy()
 
     # --- writing --------------------------------------------------------------------------------
