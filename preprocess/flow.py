@@ -6,9 +6,9 @@ frames, truncated to [-20, 20] and mapped onto 0..255 (`preprocess.flow_quant`),
 Flow k goes from frame k to frame k+1 (both converted with BGR2GRAY), so N frames give N-1
 pairs DATA/flow/<class>/<video>/flow_x_0000k.jpg and flow_y_0000k.jpg. A one-frame video gets
 an empty, published flow folder and `{"flows": 0}` in the ledger: not an error. The items are
-the videos of DATA/meta/index.json; a video whose frames failed is recorded as failed with
-"frames failed: <reason>", one whose frames are not there yet as "frames not extracted yet",
-and both are retried by the next run.
+the videos of DATA/meta/index.json; a video whose frames failed (a video the split files list
+but the disk lacks included) is recorded as failed with "frames failed: <reason>", one whose
+frames are not there yet as "frames not extracted yet", and both are retried by the next run.
 
 Crash safety is the frames stage's: one folder per video published atomically (a final name
 means complete), the ledger written by the parent alone, a rerun redoes exactly what is not
@@ -151,8 +151,14 @@ def compute_flow(data: Path, *, backend: str = "auto", jobs: int = 1, jpeg_quali
     if not 1 <= int(jpeg_quality) <= 100:
         raise ValueError(f"jpeg_quality must be 1..100, not {jpeg_quality}")
     name = resolve_backend(backend)
-    items = [v.video_id for v in DatasetIndex.load(layout.index_path).videos]
+    index = DatasetIndex.load(layout.index_path)
+    items = [v.video_id for v in index.videos]
     counts, not_ready = _frames_state(layout, items)
+    frames_records = Ledger(layout.ledger_path(FRAMES_STAGE)).load()
+    for m in index.missing:  # listed by the split files, absent on disk: failed in every stage
+        rec = frames_records.get(m.video_id)
+        not_ready[m.video_id] = "frames failed: " + (
+            rec.reason if rec is not None and rec.status != DONE else f"{m.path}: {m.reason}")
     ready = [v for v in items if v in counts]
     params = flow_params(layout, name, jpeg_quality)
     published = _Published(layout)

@@ -205,6 +205,24 @@ def test_videos_whose_frames_failed_or_are_pending(tmp_path):
     assert len(read_flows(data, "C/v_later")) == 2
 
 
+def test_video_listed_by_the_splits_but_missing_on_disk_is_failed(tmp_path):
+    src, data = tmp_path / "videos", tmp_path / "data"
+    write_video(src / "Left" / "v_Left_g01_c01.avi", translating(3, 32, -1, 0))
+    (src / "splits").mkdir()
+    (src / "splits" / "classInd.txt").write_text("1 Left\r\n")
+    for k in (1, 2, 3):
+        (src / "splits" / f"trainlist0{k}.txt").write_text(
+            "Left/v_Left_g01_c01.avi 1\r\nLeft/v_Left_g02_c01.avi 1\r\n")
+        (src / "splits" / f"testlist0{k}.txt").write_text("")
+    extract_frames(src, data, dataset="ucf101", size=32, progress=False)
+    summary = compute_flow(data, backend="opencv", progress=False)
+    assert summary.done_now == 1 and list(summary.failed) == ["Left/v_Left_g02_c01"]
+    reason = summary.failed["Left/v_Left_g02_c01"]
+    assert reason.startswith("frames failed: ") and "v_Left_g02_c01.avi" in reason
+    rec = Ledger(DataLayout(data).ledger_path("flow")).load()["Left/v_Left_g02_c01"]
+    assert rec.status == "failed" and rec.reason == reason
+
+
 def test_bad_frame_fails_that_video_only_naming_the_file(tmp_path):
     data = make_data(tmp_path, {"C/v_good": translating(4, 64, 1, 1),
                                 "C/v_bad": translating(4, 64, 1, 1)})
