@@ -532,14 +532,6 @@ def test_cleanup_cannot_let_an_orphaned_task_publish_half_a_video(tmp_path, monk
     assert tmp_entries(tmp_path) == []
 
 
-FLOW_SKIPS_MISSING = (
-    "flow: a video the split files list but the disk lacks (index.missing) gets no flow ledger "
-    "record, so flow says 2/2 done, 0 failed where frames and shards say 1 failed; fix: "
-    "compute_flow adds {m.video_id: 'frames failed: <m.path>: <m.reason>'} for index.missing "
-    "to known_failures")
-
-
-@pytest.mark.xfail(strict=True, reason=FLOW_SKIPS_MISSING)
 def test_a_listed_but_missing_video_is_failed_in_every_stage_ledger(tmp_path):
     """UCF101 split files naming a video that is not on disk (a partial download)."""
     from preprocess.flow import compute_flow
