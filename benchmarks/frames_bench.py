@@ -199,8 +199,8 @@ def profile(videos: list[Path], work: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--long", type=int, default=4, help="generated long videos")
-    ap.add_argument("--long-frames", type=int, default=600)
+    ap.add_argument("--long", type=int, default=6, help="generated long videos")
+    ap.add_argument("--long-frames", type=int, default=1000)
     ap.add_argument("--jobs", default="1,2")
     ap.add_argument("--work", type=Path, default=None, help="scratch folder [a temp dir]")
     ap.add_argument("--profile", action="store_true")
@@ -218,14 +218,19 @@ def main() -> None:
             print("ffmpeg NOT FOUND: stage figures only, no ratios "
                   "(apt-get install ffmpeg to compare)")
         print(f"load average before: {os.getloadavg()[0]:.2f}")
-        stage, ref = {}, {}
-        for jobs in (int(j) for j in args.jobs.split(",")):
-            runs = [time_stage(videos_root, work, jobs) for _ in range(args.repeat)]
-            stage[jobs] = (min(r[0].wall for r in runs), min(r[0].cpu for r in runs), runs[0][1])
-            if have_ffmpeg:
-                runs = [time_ffmpeg(videos, work, jobs) for _ in range(args.repeat)]
-                ref[jobs] = (min(r[0].wall for r in runs), min(r[0].cpu for r in runs),
-                             runs[0][1])
+        job_counts = [int(j) for j in args.jobs.split(",")]
+        stage_runs = {j: [] for j in job_counts}
+        ref_runs = {j: [] for j in job_counts}
+        for _ in range(args.repeat):  # interleaved, so that other load hits both alike
+            for jobs in job_counts:
+                stage_runs[jobs].append(time_stage(videos_root, work, jobs))
+                if have_ffmpeg:
+                    ref_runs[jobs].append(time_ffmpeg(videos, work, jobs))
+
+        def best(runs):
+            return min(t.wall for t, _ in runs), min(t.cpu for t, _ in runs), runs[0][1]
+        stage = {j: best(r) for j, r in stage_runs.items()}
+        ref = {j: best(r) for j, r in ref_runs.items() if r}
         print(f"load average after: {os.getloadavg()[0]:.2f} (figures from wall time need "
               f"idle cores; CPU-time figures hold on a busy machine)")
         print(f"\n{'':<24}{'frames':>7}{'wall s':>8}{'frames/s':>9}{'CPU s':>8}"
@@ -239,6 +244,17 @@ def main() -> None:
                       f"{fcpu:>8.2f}{n / fcpu:>13.0f}   ({written} files written)")
                 print(f"    stage/ffmpeg: {fwall / wall:.2f}x by wall time, "
                       f"{fcpu / cpu:.2f}x per CPU second")
+        tiny = work / "tiny" / "A"
+        tiny.mkdir(parents=True)
+        for k in range(2):
+            w = cv2.VideoWriter(str(tiny / f"{k}.avi"), cv2.VideoWriter_fourcc(*"MJPG"), 10,
+                                (64, 48))
+            w.write(np.zeros((48, 64, 3), np.uint8))
+            w.release()
+        for jobs in stage:
+            runs = [time_stage(tiny.parent, work, jobs)[0] for _ in range(args.repeat)]
+            print(f"fixed start-up cost, {jobs} job(s) (2 one-frame videos): "
+                  f"{min(r.wall for r in runs):.2f} s wall, {min(r.cpu for r in runs):.2f} s CPU")
         if 1 in stage and 2 in stage:
             print(f"scaling 2 jobs / 1 job (wall): stage {stage[1][0] / stage[2][0]:.2f}x"
                   + (f", ffmpeg {ref[1][0] / ref[2][0]:.2f}x" if ref else ""))
