@@ -58,5 +58,22 @@ status: venv
 demo: venv
 	$(PIPELINE) demo --data $(DATA) --videos $(DEMO_VIDEOS) --jobs $(JOBS)
 
+# Training with the papers' defaults on split SPLIT; TRAIN_OPTS passes options (e.g.
+# --workers 8 --pretrained k400.pth); every run resumes from its checkpoint.
+SPLIT      ?= 1
+TRAIN_OPTS ?=
+TRAIN_ARGS := --data $(DATA) --split $(SPLIT) $(TRAIN_OPTS)
+
+features: venv
+	$(PIPELINE) teacher-features --data $(DATA) --teacher teacher_split$(SPLIT)
+
+train: venv
+	$(PIPELINE) train-teacher $(TRAIN_ARGS)
+	$(PIPELINE) teacher-features --data $(DATA) --teacher teacher_split$(SPLIT)
+	$(PIPELINE) distill $(TRAIN_ARGS)
+	$(PIPELINE) train-rgb $(TRAIN_ARGS)
+	$(PIPELINE) train-two-stream $(TRAIN_ARGS)
+	$(PIPELINE) evaluate --data $(DATA)
+
 clean-demo:
 	rm -rf $(DEMO_VIDEOS) data/demo

@@ -236,13 +236,13 @@ def _train_options(fn):
 
 def _run_training(kind: str, data: Path, config_file: Path | None, feature_spec=None, **options):
     from pipeline.config import load_train_config
-    from pipeline.train import Interrupted, train_run
+    from pipeline.train import SIGTERM_EXIT, Interrupted, train_run
     cfg = load_train_config(kind, config_file=config_file, options=options)
     try:
         train_run(data, cfg, feature_spec=feature_spec)
     except Interrupted as e:
         click.echo(str(e), err=True)
-        sys.exit(143)
+        sys.exit(SIGTERM_EXIT)
 
 
 @cli.command("train-teacher")
@@ -359,12 +359,12 @@ def evaluate_cmd(data: Path, runs: tuple[str, ...], fusions: tuple[str, ...], ba
 def demo(data: Path, videos: Path, jobs: int, config_file: Path | None):
     """The whole chain on the demo dataset; rerun after a crash to finish what is left."""
     from pipeline.demo import load_demo_config, run_demo
-    from pipeline.train import Interrupted
+    from pipeline.train import SIGTERM_EXIT, Interrupted
     try:
         run_demo(data, videos, jobs=jobs, cfg=load_demo_config(config_file))
     except Interrupted as e:
         click.echo(str(e), err=True)
-        sys.exit(143)
+        sys.exit(SIGTERM_EXIT)
 
 
 def main():

@@ -139,6 +139,8 @@ def _check_type(key: str, value: Any, hint: Any, source: str) -> Any:
     for t in allowed:
         if t is type(None):
             continue
+        if typing.get_origin(t) is tuple and isinstance(value, (list, tuple)):
+            return tuple(value)  # TOML arrays for tuple fields
         if t is bool and isinstance(value, bool):
             return value
         if t is int and isinstance(value, int) and not isinstance(value, bool):

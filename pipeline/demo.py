@@ -28,11 +28,15 @@ class DemoRun:
     epochs: int
     batch_size: int
     lr: float
+    patience: int = 10    # ReduceLROnPlateau, in epochs (an epoch here is a few steps)
 
 
 @dataclass(frozen=True)
 class DemoConfig:
     seed: int = 0
+    classes: tuple[str, ...] = ()  # () = all of preprocess.demo_data's classes
+    videos_per_class: int = 6
+    frames: int = 14
     frame_size: int = 128          # squashed frames; the demo videos are 128x96
     flow_backend: str = "opencv"   # the CPU reference TV-L1
     clip_len: int = 8              # the videos have 13 flows
@@ -50,7 +54,8 @@ class DemoConfig:
     def train_config(self, kind: str) -> TrainConfig:
         run: DemoRun = getattr(self, kind)
         opts = dict(arch="tiny", epochs=run.epochs, batch_size=run.batch_size, lr=run.lr,
-                    workers=self.workers, seed=self.seed, checkpoint_every=10)
+                    plateau_patience=run.patience, workers=self.workers, seed=self.seed,
+                    checkpoint_every=10)
         if kind in ("spatial", "temporal"):
             opts.update(crop=self.mat_crop, segments=self.segments)
         else:
@@ -113,7 +118,10 @@ def run_demo(data: Path, videos: Path, *, jobs: int = 2, cfg: DemoConfig = DemoC
         times[name] = time.perf_counter() - t
         return out
 
-    step("demo videos", lambda: log(str(generate_demo_dataset(videos, seed=cfg.seed))))
+    extra = {"classes": cfg.classes} if cfg.classes else {}
+    step("demo videos", lambda: log(str(generate_demo_dataset(
+        videos, seed=cfg.seed, videos_per_class=cfg.videos_per_class, frames=cfg.frames,
+        **extra))))
     step("frames", lambda: _stage(extract_frames(
         videos, data, dataset="ucf101", splits=videos / "splits", jobs=jobs,
         size=cfg.frame_size, progress=progress), log))

@@ -22,6 +22,7 @@ retried by the next run, and skipped by distillation with a warning.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -438,7 +439,7 @@ class DistillDataset(ClipDataset):
                     f"skipped ({', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''})"
                     + (f"; the cache lists failures: {left}" if left else ""))
                 kept = [v for v in self.videos if v.video_id in self._rows]
-                self.videos = [ShardVideo(i, *_video_fields(v)[1:]) for i, v in enumerate(kept)]
+                self.videos = [dataclasses.replace(v, index=i) for i, v in enumerate(kept)]
         self._pid, self._open = None, None
 
     def _cache(self) -> _OpenCache:
@@ -469,8 +470,3 @@ class DistillDataset(ClipDataset):
             item["teacher_features"] = torch.from_numpy(c.features[row, k].astype(np.float32))
             item["teacher_logits"] = torch.from_numpy(c.logits[row, k])
         return item
-
-
-def _video_fields(v: ShardVideo) -> tuple:
-    return (v.index, v.video_id, v.class_name, v.label, v.splits, v.n_frames, v.n_flows,
-            v.shard, v.row, v.frame_start, v.flow_start)

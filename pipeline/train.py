@@ -92,6 +92,11 @@ def save_torch_atomic(obj, final: Path) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    fd = os.open(final.parent, os.O_RDONLY)  # the rename itself survives a power loss
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def file_sha256(path: Path) -> str:
@@ -469,14 +474,7 @@ def fit(task: Task, cfg: TrainConfig, run_dir: Path, *, progress: bool = True,
                             progress and dist.main)
             for step, batch in enumerate(loader, start=start_step):
                 batch = _to_device(batch, device, channels_last)
-                if task.prepare is not None:
-                    batch = task.prepare(batch)
-                with _autocast(device, amp):
-                    outputs = net(batch[task.input_key])
-                    losses = task.loss(outputs, batch)
-                optimizer.zero_grad(set_to_none=True)
-                losses["loss"].backward()
-                optimizer.step()
+                outputs, losses = train_step(net, task, batch, optimizer, amp)
                 _accumulate(sums, losses, outputs[1], batch["label"])
                 done = step + 1
                 stop = _all_reduce([float(sigterm.set)], device, dist)[0] > 0
@@ -518,6 +516,21 @@ def fit(task: Task, cfg: TrainConfig, run_dir: Path, *, progress: bool = True,
     if dist.enabled:
         torch_dist.barrier()
     return FitResult(paths.dir, history, True, resumed)
+
+
+def train_step(net: nn.Module, task: Task, batch: dict, optimizer: torch.optim.Optimizer,
+               amp: bool) -> tuple[tuple, dict]:
+    """One optimisation step on a batch already on the device (what benchmarks time too)."""
+    if task.prepare is not None:
+        batch = task.prepare(batch)
+    device = batch[task.input_key].device
+    with _autocast(device, amp):
+        outputs = net(batch[task.input_key])
+        losses = task.loss(outputs, batch)
+    optimizer.zero_grad(set_to_none=True)
+    losses["loss"].backward()
+    optimizer.step()
+    return outputs, losses
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -696,7 +709,6 @@ def build_task(data: Path, cfg: TrainConfig, *, feature_spec=None, log=print) ->
 
 def _distill_task(data, layout, cfg: TrainConfig, model, meta, feature_spec, log) -> Task:
     """IMRS (eq. 8): the student's pooled feature and logits against the teacher's feature."""
-    from models.losses import distillation_loss
     from .config import FeatureConfig
     from .features import DistillDataset, find_cache
     spec = feature_spec or FeatureConfig()
@@ -713,18 +725,7 @@ def _distill_task(data, layout, cfg: TrainConfig, model, meta, feature_spec, log
         teacher, _ = load_trained(layout.run_dir(cfg.teacher))
         train_set = DistillDataset(data, split=cfg.split, spec=spec, clip_len=cfg.clip_len,
                                    crop=cfg.crop, online=True)
-        state = {"moved": False}
-
-        def prepare(batch: dict) -> dict:
-            if not state["moved"]:  # the loop knows the device only once batches arrive
-                teacher.to(batch["flow"].device)
-                if batch["flow"].is_contiguous(memory_format=torch.channels_last_3d):
-                    teacher.to(memory_format=torch.channels_last_3d)
-                state["moved"] = True
-            with torch.no_grad(), _autocast(batch["flow"].device,
-                                            batch["flow"].device.type == "cuda"):
-                batch["teacher_features"] = teacher.forward_features(batch["flow"]).float()
-            return batch
+        prepare = online_teacher(teacher, amp=cfg.amp != "off")
         teacher_dim = teacher.num_features
     else:
         cache = find_cache(data, cfg.teacher, spec)
@@ -738,13 +739,38 @@ def _distill_task(data, layout, cfg: TrainConfig, model, meta, feature_spec, log
                          f"teacher's {teacher_dim}: eq. 8 needs the same (use the teacher's "
                          f"--arch)")
     _, val_set = _clip_sets(data, cfg)
+    return Task(FeaturesAndLogits(model), train_set, val_set, eq8_loss(cfg), "rgb", prepare,
+                meta)
+
+
+def eq8_loss(cfg: TrainConfig) -> Callable[[tuple, dict], dict]:
+    """Eq. 8 on (student features, logits) against batch["teacher_features"]."""
+    from models.losses import distillation_loss
 
     def loss(outputs: tuple, batch: dict) -> dict:
         features, logits = outputs
         return distillation_loss(logits.float(), batch["label"], features.float(),
                                  batch["teacher_features"], lambda1=cfg.lambda1,
                                  lambda2=cfg.lambda2)
-    return Task(FeaturesAndLogits(model), train_set, val_set, loss, "rgb", prepare, meta)
+    return loss
+
+
+def online_teacher(teacher: nn.Module, *, amp: bool) -> Callable[[dict], dict]:
+    """A Task.prepare that runs the frozen teacher on batch["flow"] (--online-teacher)."""
+    teacher.eval().requires_grad_(False)
+    state = {"moved": False}
+
+    def prepare(batch: dict) -> dict:
+        flow = batch["flow"]
+        if not state["moved"]:  # the device is known once batches arrive
+            teacher.to(flow.device)
+            if flow.is_contiguous(memory_format=torch.channels_last_3d):
+                teacher.to(memory_format=torch.channels_last_3d)
+            state["moved"] = True
+        with torch.no_grad(), _autocast(flow.device, amp and flow.device.type == "cuda"):
+            batch["teacher_features"] = teacher.forward_features(flow).float()
+        return batch
+    return prepare
 
 
 def train_run(data: Path, cfg: TrainConfig, *, feature_spec=None, progress: bool = True,

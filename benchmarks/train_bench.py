@@ -1,0 +1,160 @@
+"""Training-step speed of the full 3D-ResNeXt-101+CE (seed 000 Table 1) at batch 32, 16x112x112.
+
+Two questions, on synthetic input tensors already on the device (the model step alone; data
+loading is benchmarks/loader_bench.py's subject), through pipeline.train.train_step, the very
+step the training loop runs (SGD with momentum and weight decay, cross-entropy or eq. 8):
+
+1. Student/teacher training clips/s: fp32 eager (PyTorch's defaults, which let cuDNN use TF32
+   in convolutions; and strict fp32, TF32 off) against bf16 autocast, each with the default
+   (channels-first) and the channels_last_3d memory format. Goal: bf16 >= 2x fp32.
+2. IMRS distillation step time with cached teacher features (a (32, 2048) target tensor)
+   against --online-teacher (the frozen flow ResNeXt-101+CE run on a (32, 2, 16, 112, 112) flow
+   batch under no_grad each step), both in the fastest format of 1. Goal: cached >= 1.3x faster.
+
+    python benchmarks/train_bench.py                     # CUDA (one H200): the figures
+    python benchmarks/train_bench.py --device cpu --arch tiny --batch 4 --steps 2   # smoke test
+
+Prints a table and writes JSON (--out). Timings: `--warmup` untimed steps (cuDNN autotuning),
+then `--steps` timed steps between device synchronisations; the median of `--repeats` runs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.config import load_train_config  # noqa: E402
+from pipeline.train import (FeaturesAndLogits, Task, build_model, cross_entropy_loss,  # noqa: E402
+                            eq8_loss, online_teacher, set_deterministic, train_step)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _batch(kind: str, n: int, classes: int, device, channels_last: bool, dim: int) -> dict:
+    g = torch.Generator(device="cpu").manual_seed(0)
+    fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
+    batch = {"label": torch.randint(0, classes, (n,), generator=g).to(device),
+             "rgb": torch.randn(n, 3, 16, 112, 112, generator=g).to(device)
+             .contiguous(memory_format=fmt)}
+    if kind == "online":
+        batch["flow"] = torch.randn(n, 2, 16, 112, 112, generator=g).to(device) \
+            .contiguous(memory_format=fmt)
+    if kind == "cached":
+        batch["teacher_features"] = torch.randn(n, dim, generator=g).to(device)
+    return batch
+
+
+def time_steps(kind: str, args, device: torch.device, amp: bool, channels_last: bool) -> dict:
+    """clips/s and ms/step of `kind` ("ce", "cached", "online") in one configuration."""
+    cfg = load_train_config("distill" if kind != "ce" else "rgb",
+                            options={"arch": args.arch, "batch_size": args.batch})
+    torch.manual_seed(0)
+    student = build_model(cfg, args.classes).to(device)
+    fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
+    student = student.to(memory_format=fmt)
+    prepare = None
+    if kind == "online":
+        tcfg = load_train_config("teacher", options={"arch": args.arch})
+        prepare = online_teacher(build_model(tcfg, args.classes), amp=amp)
+    loss = cross_entropy_loss if kind == "ce" else eq8_loss(cfg)
+    task = Task(FeaturesAndLogits(student), None, None, loss, "rgb", prepare)
+    opt = torch.optim.SGD(student.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                          weight_decay=cfg.weight_decay)
+    batch = _batch(kind, args.batch, args.classes, device, channels_last, student.num_features)
+    for _ in range(args.warmup):
+        train_step(task.model, task, dict(batch), opt, amp)
+    runs = []
+    for _ in range(args.repeats):
+        _sync(device)
+        t = time.perf_counter()
+        for _ in range(args.steps):
+            train_step(task.model, task, dict(batch), opt, amp)
+        _sync(device)
+        runs.append((time.perf_counter() - t) / args.steps)
+    step = statistics.median(runs)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    del task, opt, student, batch, prepare
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return {"kind": kind, "amp": "bf16" if amp else "fp32",
+            "format": "channels_last_3d" if channels_last else "ncdhw",
+            "ms_per_step": round(1000 * step, 2), "clips_per_s": round(args.batch / step, 1),
+            "peak_gib": round(peak, 2), "runs_ms": [round(1000 * r, 2) for r in runs]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--arch", default="101", choices=["101", "50", "tiny"])
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--classes", type=int, default=101)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    set_deterministic(False, device)  # cudnn.benchmark on CUDA, as training runs
+    rows = []
+    if device.type == "cuda":
+        # PyTorch's default fp32 lets cuDNN convolutions use TF32; strict fp32 is timed too
+        torch.backends.cudnn.allow_tf32 = False
+        rows.append(time_steps("ce", args, device, False, False))
+        rows[-1]["amp"] = "fp32-strict"
+        print(json.dumps(rows[-1]), flush=True)
+        torch.backends.cudnn.allow_tf32 = True
+    for amp in (False, True) if device.type == "cuda" else (False,):
+        for cl in (False, True):
+            rows.append(time_steps("ce", args, device, amp, cl))
+            print(json.dumps(rows[-1]), flush=True)
+    ce = {(r["amp"], r["format"]): r for r in rows}
+    fp32 = ce[("fp32", "ncdhw")]
+    best = max(rows, key=lambda r: r["clips_per_s"])
+    amp_best, cl_best = best["amp"] == "bf16", best["format"] == "channels_last_3d"
+    distill = [time_steps(k, args, device, amp_best, cl_best) for k in ("cached", "online")]
+    for r in distill:
+        print(json.dumps(r), flush=True)
+    summary = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__, "arch": args.arch, "batch": args.batch,
+        "train_rows": rows, "distill_rows": distill,
+        "best_train": {"amp": best["amp"], "format": best["format"]},
+        "speedup_best_vs_fp32": round(best["clips_per_s"] / fp32["clips_per_s"], 2),
+        "speedup_best_vs_fp32_strict": (round(best["clips_per_s"]
+                                              / ce[("fp32-strict", "ncdhw")]["clips_per_s"], 2)
+                                        if ("fp32-strict", "ncdhw") in ce else None),
+        "channels_last_gain_bf16": (round(ce[("bf16", "channels_last_3d")]["clips_per_s"]
+                                          / ce[("bf16", "ncdhw")]["clips_per_s"], 2)
+                                    if ("bf16", "ncdhw") in ce else None),
+        "distill_cached_speedup": round(distill[1]["ms_per_step"] / distill[0]["ms_per_step"],
+                                        2),
+    }
+    print(f"\n3D-ResNeXt-{args.arch}+CE, batch {args.batch}, 16x112x112, {summary['device']}")
+    print(f"{'step':<10}{'precision':<11}{'format':<18}{'ms/step':>9}{'clips/s':>9}{'GiB':>7}")
+    for r in rows + distill:
+        print(f"{r['kind']:<10}{r['amp']:<11}{r['format']:<18}{r['ms_per_step']:>9}"
+              f"{r['clips_per_s']:>9}{r['peak_gib']:>7}")
+    print(f"best training step ({best['amp']}, {best['format']}) vs fp32 eager: "
+          f"{summary['speedup_best_vs_fp32']}x with PyTorch's default TF32 convolutions, "
+          f"{summary['speedup_best_vs_fp32_strict']}x vs strict fp32 (goal >= 2x)")
+    print(f"distillation, cached features vs online teacher: "
+          f"{summary['distill_cached_speedup']}x faster (goal >= 1.3x)")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(summary, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
