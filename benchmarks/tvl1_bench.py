@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import sys
 import time
 import traceback
@@ -51,6 +52,51 @@ def time_gpu(fn, prev, nxt, repeats: int) -> tuple[float, object]:
     return float(np.median(times)), out
 
 
+def label(cfg) -> str:
+    reg = f" r{cfg.max_registers}" if cfg.max_registers else ""
+    if cfg.kind == "rows":
+        left = " loadleft" if cfg.load_left else ""
+        right = " packright" if cfg.pack_right else ""
+        return f"{cfg.schedule} rows{cfg.rows}{left}{right} p{cfg.programs_per_sm} s{cfg.num_stages}{reg}"
+    return f"tiles {cfg.th}x{cfg.tw}x{cfg.sub_tiles} w{cfg.num_warps} p{cfg.programs_per_sm} s{cfg.num_stages}{reg}"
+
+
+def profile_once(fn, prev, nxt) -> None:
+    """CUDA kernel time per kernel name for one call (after a warm-up call)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    fn(prev, nxt)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn(prev, nxt)
+        torch.cuda.synchronize()
+    print(f"profiled call (no graphs): {time.perf_counter() - t0:.3f} s wall for {len(prev)} pairs", flush=True)
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60), flush=True)
+
+
+def ncu_workload(args) -> None:
+    import torch
+
+    from preprocess import tvl1_triton
+    from preprocess.tvl1_torch import TVL1Params
+
+    prev_np, next_np = pairs_of(load_inputs(args.data)["frames"])
+    p = torch.as_tensor(tiled(prev_np, 64), dtype=torch.float32, device="cuda")
+    q = torch.as_tensor(tiled(next_np, 64), dtype=torch.float32, device="cuda")
+    cfg = tvl1_triton.KernelConfig(cuda_graphs=False)
+    params = TVL1Params(epsilon=0.0)
+    tvl1_triton.tvl1_flow_triton(p, q, params, cfg=cfg)
+    torch.cuda.synchronize()
+    torch.cuda.profiler.start()
+    t0 = time.perf_counter()
+    tvl1_triton.tvl1_flow_triton(p, q, params, cfg=cfg)
+    torch.cuda.synchronize()
+    torch.cuda.profiler.stop()
+    print(f"ncu workload: {time.perf_counter() - t0:.3f} s", flush=True)
+
+
 def tiled(x: np.ndarray, n: int) -> np.ndarray:
     reps = -(-n // len(x))
     return np.concatenate([x] * reps)[:n]
@@ -61,11 +107,22 @@ def main() -> None:
     ap.add_argument("--data", help="inputs packed by tvl1_parity.py --export")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--batches", default="64,256,512")
-    ap.add_argument("--configs", default="4x32w4,8x32w8,4x64w8,8x64w8")
+    ap.add_argument("--configs", default="rows8p8s3lL,rows8p8s3lLJ,rows8p12s3lLJ,rows8p12s3lLJr64,rows16p12s3lLJ,rows8p12s3aLJ",
+                    help="rows<R>p<programs per SM>s<stages>[a|l][L][r<register cap>] for the row kernels (a: each "
+                         "pair at its own pace, l: lockstep warpings, L: left neighbours loaded, not gathered, J: "
+                         "right neighbours' two flow components exchanged together), or <TH>x<TW>w<warps>p<programs per SM>"
+                         "s<stages>S<tiles per item>[r<register cap>] for the lockstep tile kernel")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip-torch", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="kernel time breakdown of the best version")
     ap.add_argument("--json", help="write all figures here")
+    ap.add_argument("--ncu-workload", action="store_true",
+                    help="only run a fixed workload for Nsight Compute: 64 pairs with epsilon = 0 (every "
+                         "launch has all pairs active), the second call inside cudaProfilerStart/Stop")
     args = ap.parse_args()
+    if args.ncu_workload:
+        ncu_workload(args)
+        return
 
     import torch
 
@@ -134,9 +191,18 @@ def main() -> None:
             traceback.print_exc()
     configs = []
     for spec in args.configs.split(","):
-        th, rest = spec.split("x")
-        tw, w = rest.split("w")
-        configs.append(tvl1_triton.KernelConfig(th=int(th), tw=int(tw), num_warps=int(w)))
+        if spec.startswith("rows"):
+            g = re.fullmatch(r"rows(\d+)p(\d+)s(\d+)([al]?)(L?)(J?)(?:r(\d+))?", spec).groups()
+            configs.append(tvl1_triton.KernelConfig(
+                schedule="async" if g[3] == "a" else "lockstep", kind="rows", rows=int(g[0]), load_left=g[4] == "L",
+                pack_right=g[5] == "J", programs_per_sm=int(g[1]), num_stages=int(g[2]),
+                max_registers=int(g[6]) if g[6] else None))
+            continue
+        g = re.fullmatch(r"(\d+)x(\d+)w(\d+)p(\d+)s(\d+)(?:S(\d+))?(?:r(\d+))?", spec).groups()
+        configs.append(tvl1_triton.KernelConfig(
+            schedule="lockstep", kind="tiles",
+            th=int(g[0]), tw=int(g[1]), num_warps=int(g[2]), programs_per_sm=int(g[3]), num_stages=int(g[4]),
+            sub_tiles=int(g[5] or 1), max_registers=int(g[6]) if g[6] else None))
     batches = [int(x) for x in args.batches.split(",")]
     best = (0.0, None)
     for cfg in configs:
@@ -144,8 +210,11 @@ def main() -> None:
             try:
                 p, q = torch.as_tensor(tiled(prev_np, b), dtype=torch.float32, device=dev), \
                     torch.as_tensor(tiled(next_np, b), dtype=torch.float32, device=dev)
-                s, _ = time_gpu(lambda x, y: tvl1_triton.tvl1_flow_triton(x, y, cfg=cfg), p, q, args.repeats)
-                record(f"Triton {cfg.th}x{cfg.tw} w{cfg.num_warps} graphs", b, s)
+                s, out = time_gpu(lambda x, y: tvl1_triton.tvl1_flow_triton(x, y, cfg=cfg), p, q, args.repeats)
+                got = out[: min(n, b)].permute(0, 2, 3, 1).cpu().numpy()
+                same = sum(bool((r == o).all()) for r, o in zip(ref, got))
+                worst = min(within(r, o) for r, o in zip(ref, got))
+                record(f"Triton {label(cfg)} graphs", b, s, f"[identical {same}/{len(got)}, min within {worst:.4f}]")
                 if b / s > best[0]:
                     best = (b / s, (cfg, b))
             except Exception:
@@ -158,14 +227,17 @@ def main() -> None:
             p, q = torch.as_tensor(tiled(prev_np, b), dtype=torch.float32, device=dev), \
                 torch.as_tensor(tiled(next_np, b), dtype=torch.float32, device=dev)
             s, _ = time_gpu(lambda x, y: tvl1_triton.tvl1_flow_triton(x, y, cfg=nog), p, q, args.repeats)
-            record(f"Triton {cfg.th}x{cfg.tw} w{cfg.num_warps} no graphs", b, s)
+            record(f"Triton {label(cfg)} no graphs", b, s)
             tvl1_triton.clear_cache()
             worst = TVL1Params(epsilon=0.0)
             bw = min(b, 128)
             s, _ = time_gpu(lambda x, y: tvl1_triton.tvl1_flow_triton(x, y, worst, cfg=cfg), p[:bw], q[:bw], 1)
-            record(f"Triton {cfg.th}x{cfg.tw} w{cfg.num_warps} epsilon=0 (all iters)", bw, s)
+            record(f"Triton {label(cfg)} epsilon=0 (all iters)", bw, s)
             results["worst_case_pairs_per_s"] = bw / s
             tvl1_triton.clear_cache()
+            if args.profile:
+                profile_once(lambda x, y: tvl1_triton.tvl1_flow_triton(x, y, cfg=nog), p, q)
+                tvl1_triton.clear_cache()
         except Exception:
             traceback.print_exc()
 

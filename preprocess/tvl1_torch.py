@@ -359,7 +359,12 @@ def tvl1_flow_torch(prev: torch.Tensor, nxt: torch.Tensor, params: TVL1Params = 
 
 
 def _triton_usable(device: torch.device, params: TVL1Params) -> bool:
-    if device.type != "cuda" or params.gamma != 0 or params.median_filtering not in (0, 1, 5):
+    """Whether the fused kernels cover this device and these parameters (they implement gamma = 0,
+    OpenCV 5's exact remap coordinates and a 5x5 median or none)."""
+    if device.type != "cuda" or params.gamma != 0 or params.remap_coord_bits is not None:
+        return False
+    median = params.median_filtering > 1
+    if params.median_filtering not in (0, 1, 5) or params.inner_iterations + int(median) < 3:
         return False
     try:
         from preprocess import tvl1_triton
@@ -400,9 +405,14 @@ def _default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
-# Float32 planes a pair holds at the finest level while the PyTorch path runs (images, gradients,
-# warped images, flow, duals, the iteration's temporaries); the Triton path needs fewer.
+# Float32 planes of the finest level's size that one pair holds while its flow is computed: the
+# PyTorch path's images, gradients, warped images, flow, duals and per-iteration temporaries; the
+# Triton path's double-buffered flow and duals on every level plus the pyramid's temporaries.
 TORCH_PLANES_PER_PAIR = 48
+TRITON_PLANES_PER_PAIR = 64
+# Largest batch the Triton path is given at once: throughput is flat from ~256 pairs on an H200
+# (benchmarks/TVL1_NOTES.md), and each batch size keeps its own cached buffers and CUDA graphs.
+TRITON_MAX_BATCH = 512
 
 
 def pair_bytes(height: int, width: int, planes: int = TORCH_PLANES_PER_PAIR) -> int:
@@ -411,7 +421,8 @@ def pair_bytes(height: int, width: int, planes: int = TORCH_PLANES_PER_PAIR) -> 
 
 
 def batch_size_for(height: int, width: int, *, memory_budget_bytes: int | None = None,
-                   max_batch: int | None = None, device: torch.device | None = None) -> int:
+                   max_batch: int | None = None, device: torch.device | None = None,
+                   planes: int = TORCH_PLANES_PER_PAIR) -> int:
     """Pairs per batch that keep the working set under ``memory_budget_bytes`` (default: half the
     free memory of a CUDA device, 1 GiB on the CPU), capped by ``max_batch``."""
     if memory_budget_bytes is None:
@@ -420,7 +431,7 @@ def batch_size_for(height: int, width: int, *, memory_budget_bytes: int | None =
             memory_budget_bytes = free // 2
         else:
             memory_budget_bytes = 1 << 30
-    n = max(1, int(memory_budget_bytes // pair_bytes(height, width)))
+    n = max(1, int(memory_budget_bytes // pair_bytes(height, width, planes)))
     if max_batch is not None:
         n = min(n, max(1, int(max_batch)))
     return n
@@ -439,7 +450,9 @@ def flow_in_chunks(prevs, nxts, params: TVL1Params = TVL1Params(), *, max_batch:
 
     prevs, nxts: (N, H, W) tensors/arrays, or sequences of (H, W) arrays, gray 0..255.
     Yields (b, 2, H, W) float32 tensors on ``device`` (default CUDA if present), in input order;
-    their concatenation is the flow of all N pairs.
+    their concatenation is the flow of all N pairs. On the Triton path a short last batch is padded
+    with blank pairs (they stop after one iteration), so every batch reuses the same buffers and
+    CUDA graphs.
     """
     dev = torch.device(device) if device is not None else _default_device()
     prevs, nxts = _as_stack(prevs), _as_stack(nxts)
@@ -449,8 +462,14 @@ def flow_in_chunks(prevs, nxts, params: TVL1Params = TVL1Params(), *, max_batch:
     if n == 0:
         return
     h, w = np.asarray(prevs[0]).shape[-2:] if not isinstance(prevs, torch.Tensor) else prevs.shape[-2:]
-    bs = batch_size_for(int(h), int(w), memory_budget_bytes=memory_budget_bytes, max_batch=max_batch,
-                        device=dev)
+    fused = backend == "triton" or (backend == "auto" and _triton_usable(dev, params))
+    if fused:
+        cap = TRITON_MAX_BATCH if max_batch is None else max_batch
+        bs = min(n, batch_size_for(int(h), int(w), memory_budget_bytes=memory_budget_bytes, max_batch=cap,
+                                   device=dev, planes=TRITON_PLANES_PER_PAIR))
+    else:
+        bs = batch_size_for(int(h), int(w), memory_budget_bytes=memory_budget_bytes, max_batch=max_batch,
+                            device=dev)
 
     def stack(seq, lo, hi) -> torch.Tensor:
         if isinstance(seq, torch.Tensor):
@@ -459,4 +478,8 @@ def flow_in_chunks(prevs, nxts, params: TVL1Params = TVL1Params(), *, max_batch:
 
     for lo in range(0, n, bs):
         hi = min(n, lo + bs)
-        yield tvl1_flow(stack(prevs, lo, hi), stack(nxts, lo, hi), params, backend=backend)
+        a, b = stack(prevs, lo, hi), stack(nxts, lo, hi)
+        if fused and hi - lo < bs:
+            pad = a.new_zeros(bs - (hi - lo), *a.shape[1:])
+            a, b = torch.cat([a, pad]), torch.cat([b, pad])
+        yield tvl1_flow(a, b, params, backend=backend)[: hi - lo]

@@ -22,8 +22,8 @@ Why it is fast (benchmarks/TVL1_NOTES.md has the figures):
 """
 from __future__ import annotations
 
-import math
 import os
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -57,24 +57,29 @@ def _schedule(ACT, CU, CP, ERR, sp, sc, sn, B, eps,
     Every program computes the same answer from slot ``sp`` (written by the previous launch);
     program 0 alone publishes it into slot ``sc`` for the next launch, advances the buffer
     parities of the pairs that run and clears the error slot ``sn`` the next launch accumulates
-    into. Returns the inclusive prefix count of running pairs and their number."""
+    into. Returns the inclusive prefix count of running pairs, each running pair's buffer
+    parities packed as a tag (bit 16: u, bit 17: p; zero for pairs that do not run) and the number
+    of running pairs."""
     offs = tl.arange(0, BLOCK_B)
     m = offs < B
     act = tl.load(ACT + sp * B + offs, mask=m, other=0)
     err = tl.load(ERR + sp * B + offs, mask=m, other=0.0)
+    cu = tl.load(CU + sp * B + offs, mask=m, other=0)
+    cp = tl.load(CP + sp * B + offs, mask=m, other=0)
     run = ((act != 0) & (err > eps)).to(tl.int32)
     if tl.program_id(0) == 0:
         tl.store(ACT + sc * B + offs, run, mask=m)
-        tl.store(CU + sc * B + offs, tl.load(CU + sp * B + offs, mask=m, other=0) + run, mask=m)
+        tl.store(CU + sc * B + offs, cu + run, mask=m)
         if INC_P:
-            tl.store(CP + sc * B + offs, tl.load(CP + sp * B + offs, mask=m, other=0) + run, mask=m)
+            tl.store(CP + sc * B + offs, cp + run, mask=m)
         else:
-            tl.store(CP + sc * B + offs, tl.load(CP + sp * B + offs, mask=m, other=0), mask=m)
+            tl.store(CP + sc * B + offs, cp, mask=m)
         if PASS_ERR:
             tl.store(ERR + sc * B + offs, err, mask=m)
         tl.store(ERR + sn * B + offs, tl.zeros([BLOCK_B], dtype=tl.float64), mask=m)
     prefix = tl.cumsum(run, axis=0)
-    return prefix, tl.sum(run, axis=0)
+    tag = tl.where(run != 0, ((cu & 1) << 16) | ((cp & 1) << 17), 0)
+    return prefix, tag, tl.sum(run, axis=0)
 
 
 @triton.jit
@@ -106,122 +111,268 @@ def _primal(ix, iy, rc, u1, u2, div1, div2, l_t, theta):
 
 @triton.jit
 def _hypot(x, y):
-    """(float)hypot(x, y) as tvl1flow.cpp computes it: in double, then rounded to float."""
-    xd = x.to(tl.float64)
-    yd = y.to(tl.float64)
-    return tl.sqrt(xd * xd + yd * yd).to(tl.float32)
+    """(float)hypot(x, y) as tvl1flow.cpp computes it (in double, then rounded), in float32 only.
+
+    sqrt of the rounded x^2 + y^2 is at most one ulp off the correctly rounded result; the exact
+    residual S - r^2 (S = x^2 + y^2 kept as an unevaluated sum through FMA error terms) says which
+    neighbour is right. Cheaper than double precision: no float<->double conversions, no DFMA."""
+    hx = x * x
+    lx = tl.fma(x, x, -hx)
+    hy = y * y
+    ly = tl.fma(y, y, -hy)
+    s = hx + hy
+    bb = s - hx
+    lo = ((hx - (s - bb)) + (hy - bb)) + (lx + ly)
+    r = tl.sqrt_rn(s)
+    hr = r * r
+    res = (s - hr) + (lo - tl.fma(r, r, -hr))
+    bits = r.to(tl.int32, bitcast=True)
+    ulp = (bits & 0x7F800000).to(tl.float32, bitcast=True) * 1.1920928955078125e-07
+    ulp_dn = tl.where((bits & 0x007FFFFF) == 0, ulp * 0.5, ulp)
+    return tl.where(res > r * ulp, r + ulp, tl.where(res < -(r * ulp_dn), r - ulp_dn, r))
 
 
 @triton.jit
-def _pair_of_item(prefix, k):
-    """Index of the k-th running pair (0-based) given the inclusive prefix count of running pairs."""
-    return tl.sum((prefix <= k).to(tl.int32), axis=0)
+def _pair_of_item(prefix, tag, k):
+    """(index, u parity, p parity) of the k-th running pair (0-based), from one reduction over the
+    per-pair prefix counts and tags that every program holds in registers."""
+    packed = tl.sum((prefix <= k).to(tl.int32) + tl.where(prefix == k + 1, tag, 0), axis=0)
+    return packed & 0xFFFF, (packed >> 16) & 1, (packed >> 17) & 1
 
 
 # ----------------------------------------------------------------------------------------------
 # One inner iteration
 
 
-@triton.jit(do_not_specialize=["sp", "sc", "sn", "B", "H", "W", "ntx", "ntiles"])
-def _iteration_kernel(U, P, C, ACT, CU, CP, ERR, sp, sc, sn, B, H, W, ntx, ntiles,
+@triton.jit
+def _iterate_tile(U, P, C, B, H, W, n, bb, qu, qp, ys, xs, l_t, theta, taut):
+    """One inner iteration on a TH x TW tile of one pair; returns its squared change of u."""
+    inside = (ys < H) & (xs < W)
+    has_r = inside & (xs + 1 < W)
+    has_d = inside & (ys + 1 < H)
+    has_l = inside & (xs >= 1)
+    has_u = inside & (ys >= 1)
+    off = ys * W + xs
+    xz = xs == 0
+    yz = ys == 0
+    never = xs < 0
+
+    u1p = U + ((qu * 2) * B + bb) * n
+    u2p = U + ((qu * 2 + 1) * B + bb) * n
+    ixp = C + bb * n
+    iyp = C + (B + bb) * n
+    rcp = C + (2 * B + bb) * n
+    p11p = P + ((qp * 4) * B + bb) * n
+    p12p = P + ((qp * 4 + 1) * B + bb) * n
+    p21p = P + ((qp * 4 + 2) * B + bb) * n
+    p22p = P + ((qp * 4 + 3) * B + bb) * n
+
+    u1 = tl.load(u1p + off, mask=inside, other=0.0)
+    u2 = tl.load(u2p + off, mask=inside, other=0.0)
+    p11 = tl.load(p11p + off, mask=inside, other=0.0)
+    p12 = tl.load(p12p + off, mask=inside, other=0.0)
+    p21 = tl.load(p21p + off, mask=inside, other=0.0)
+    p22 = tl.load(p22p + off, mask=inside, other=0.0)
+
+    # primal update at the pixel itself
+    d1 = _divergence(p11, tl.load(p11p + off - 1, mask=has_l, other=0.0),
+                     p12, tl.load(p12p + off - W, mask=has_u, other=0.0), xz, yz)
+    d2 = _divergence(p21, tl.load(p21p + off - 1, mask=has_l, other=0.0),
+                     p22, tl.load(p22p + off - W, mask=has_u, other=0.0), xz, yz)
+    n1, n2 = _primal(tl.load(ixp + off, mask=inside, other=0.0), tl.load(iyp + off, mask=inside, other=0.0),
+                     tl.load(rcp + off, mask=inside, other=0.0), u1, u2, d1, d2, l_t, theta)
+    # ... at its right neighbour (x+1 >= 1, so never the first column) ...
+    o = off + 1
+    has_ur = has_r & (ys >= 1)
+    d1 = _divergence(tl.load(p11p + o, mask=has_r, other=0.0), p11,
+                     tl.load(p12p + o, mask=has_r, other=0.0), tl.load(p12p + o - W, mask=has_ur, other=0.0),
+                     never, yz)
+    d2 = _divergence(tl.load(p21p + o, mask=has_r, other=0.0), p21,
+                     tl.load(p22p + o, mask=has_r, other=0.0), tl.load(p22p + o - W, mask=has_ur, other=0.0),
+                     never, yz)
+    r1, r2 = _primal(tl.load(ixp + o, mask=has_r, other=0.0), tl.load(iyp + o, mask=has_r, other=0.0),
+                     tl.load(rcp + o, mask=has_r, other=0.0), tl.load(u1p + o, mask=has_r, other=0.0),
+                     tl.load(u2p + o, mask=has_r, other=0.0), d1, d2, l_t, theta)
+    # ... and below it (y+1 >= 1, so never the first row)
+    o = off + W
+    has_dl = has_d & (xs >= 1)
+    d1 = _divergence(tl.load(p11p + o, mask=has_d, other=0.0), tl.load(p11p + o - 1, mask=has_dl, other=0.0),
+                     tl.load(p12p + o, mask=has_d, other=0.0), p12, xz, never)
+    d2 = _divergence(tl.load(p21p + o, mask=has_d, other=0.0), tl.load(p21p + o - 1, mask=has_dl, other=0.0),
+                     tl.load(p22p + o, mask=has_d, other=0.0), p22, xz, never)
+    b1, b2 = _primal(tl.load(ixp + o, mask=has_d, other=0.0), tl.load(iyp + o, mask=has_d, other=0.0),
+                     tl.load(rcp + o, mask=has_d, other=0.0), tl.load(u1p + o, mask=has_d, other=0.0),
+                     tl.load(u2p + o, mask=has_d, other=0.0), d1, d2, l_t, theta)
+
+    # dual update with the forward gradient of the new u
+    last_x = xs + 1 >= W
+    last_y = ys + 1 >= H
+    u1x = tl.where(last_x, 0.0, r1 - n1)
+    u1y = tl.where(last_y, 0.0, b1 - n1)
+    u2x = tl.where(last_x, 0.0, r2 - n2)
+    u2y = tl.where(last_y, 0.0, b2 - n2)
+    ng1 = 1.0 + taut * _hypot(u1x, u1y)
+    ng2 = 1.0 + taut * _hypot(u2x, u2y)
+    ru = 1 - qu
+    rp = 1 - qp
+    tl.store(U + ((ru * 2) * B + bb) * n + off, n1, mask=inside)
+    tl.store(U + ((ru * 2 + 1) * B + bb) * n + off, n2, mask=inside)
+    tl.store(P + ((rp * 4) * B + bb) * n + off, tl.math.div_rn(p11 + taut * u1x, ng1), mask=inside)
+    tl.store(P + ((rp * 4 + 1) * B + bb) * n + off, tl.math.div_rn(p12 + taut * u1y, ng1), mask=inside)
+    tl.store(P + ((rp * 4 + 2) * B + bb) * n + off, tl.math.div_rn(p21 + taut * u2x, ng2), mask=inside)
+    tl.store(P + ((rp * 4 + 3) * B + bb) * n + off, tl.math.div_rn(p22 + taut * u2y, ng2), mask=inside)
+    e1 = n1 - u1
+    e2 = n2 - u2
+    return tl.where(inside, e1 * e1 + e2 * e2, 0.0)
+
+
+@triton.jit(do_not_specialize=["sp", "sc", "sn", "B", "H", "W", "ntx", "nitems"])
+def _iteration_kernel(U, P, C, ACT, CU, CP, ERR, sp, sc, sn, B, H, W, ntx, nitems,
                       eps, l_t, theta, taut,
-                      BLOCK_B: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr):
+                      BLOCK_B: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, S: tl.constexpr):
     """u, p (buffer parity q) -> u, p (parity 1-q) for every running pair; squared change of u
     summed per pair into ERR[sc]. Layout: U (2, 2, B, H, W), P (2, 4, B, H, W), C (3, B, H, W)
-    = (I1wx, I1wy, rho_c)."""
-    prefix, n_run = _schedule(ACT, CU, CP, ERR, sp, sc, sn, B, eps, True, False, BLOCK_B)
+    = (I1wx, I1wy, rho_c). A work item is S tiles of TH x TW stacked vertically: the pair lookup
+    and the error reduction are paid once per item."""
+    prefix, tag, n_run = _schedule(ACT, CU, CP, ERR, sp, sc, sn, B, eps, True, False, BLOCK_B)
     n = H * W
     ys0 = tl.arange(0, TH)[:, None]
     xs0 = tl.arange(0, TW)[None, :]
-    for item in tl.range(tl.program_id(0), n_run * ntiles, tl.num_programs(0)):
-        k = item // ntiles
-        tile = item - k * ntiles
-        b = _pair_of_item(prefix, k)
-        qu = tl.load(CU + sp * B + b) & 1
-        qp = tl.load(CP + sp * B + b) & 1
+    for item in tl.range(tl.program_id(0), n_run * nitems, tl.num_programs(0)):
+        k = item // nitems
+        it = item - k * nitems
+        b, qu, qp = _pair_of_item(prefix, tag, k)
         bb = b.to(tl.int64)
-        ty = tile // ntx
-        ys = ty * TH + ys0
-        xs = (tile - ty * ntx) * TW + xs0
-        inside = (ys < H) & (xs < W)
-        has_r = inside & (xs + 1 < W)
-        has_d = inside & (ys + 1 < H)
-        has_l = inside & (xs >= 1)
-        has_u = inside & (ys >= 1)
-        off = ys * W + xs
-        xz = xs == 0
-        yz = ys == 0
-        never = xs < 0
+        ity = it // ntx
+        xs = (it - ity * ntx) * TW + xs0
+        acc = tl.zeros([TH, TW], dtype=tl.float32)
+        for s in tl.static_range(S):
+            ys = (ity * S + s) * TH + ys0
+            acc += _iterate_tile(U, P, C, B, H, W, n, bb, qu, qp, ys, xs, l_t, theta, taut)
+        # summed in float32 over the item, in double across items (OpenCV: float, row by row)
+        err = tl.sum(tl.sum(acc, axis=1), axis=0)
+        tl.atomic_add(ERR + sc * B + b, err.to(tl.float64))
 
-        u1p = U + ((qu * 2) * B + bb) * n
-        u2p = U + ((qu * 2 + 1) * B + bb) * n
-        ixp = C + bb * n
-        iyp = C + (B + bb) * n
-        rcp = C + (2 * B + bb) * n
-        p11p = P + ((qp * 4) * B + bb) * n
-        p12p = P + ((qp * 4 + 1) * B + bb) * n
-        p21p = P + ((qp * 4 + 2) * B + bb) * n
-        p22p = P + ((qp * 4 + 3) * B + bb) * n
 
-        u1 = tl.load(u1p + off, mask=inside, other=0.0)
-        u2 = tl.load(u2p + off, mask=inside, other=0.0)
-        p11 = tl.load(p11p + off, mask=inside, other=0.0)
-        p12 = tl.load(p12p + off, mask=inside, other=0.0)
-        p21 = tl.load(p21p + off, mask=inside, other=0.0)
-        p22 = tl.load(p22p + off, mask=inside, other=0.0)
+@triton.jit
+def _rows_iterate(U, P, C, B, H, W, n, bb, qu, qp, band, l_t, theta, taut,
+                  TW: tl.constexpr, R: tl.constexpr, LOAD_LEFT: tl.constexpr = False,
+                  PACK_RIGHT: tl.constexpr = False):
+    """One inner iteration on a band of R full-width rows of one pair; returns its squared change.
 
-        # primal update at the pixel itself
-        d1 = _divergence(p11, tl.load(p11p + off - 1, mask=has_l, other=0.0),
-                         p12, tl.load(p12p + off - W, mask=has_u, other=0.0), xz, yz)
-        d2 = _divergence(p21, tl.load(p21p + off - 1, mask=has_l, other=0.0),
-                         p22, tl.load(p22p + off - W, mask=has_u, other=0.0), xz, yz)
-        n1, n2 = _primal(tl.load(ixp + off, mask=inside, other=0.0), tl.load(iyp + off, mask=inside, other=0.0),
-                         tl.load(rcp + off, mask=inside, other=0.0), u1, u2, d1, d2, l_t, theta)
-        # ... at its right neighbour (x+1 >= 1, so never the first column) ...
-        o = off + 1
-        has_ur = has_r & (ys >= 1)
-        d1 = _divergence(tl.load(p11p + o, mask=has_r, other=0.0), p11,
-                         tl.load(p12p + o, mask=has_r, other=0.0), tl.load(p12p + o - W, mask=has_ur, other=0.0),
-                         never, yz)
-        d2 = _divergence(tl.load(p21p + o, mask=has_r, other=0.0), p21,
-                         tl.load(p22p + o, mask=has_r, other=0.0), tl.load(p22p + o - W, mask=has_ur, other=0.0),
-                         never, yz)
-        r1, r2 = _primal(tl.load(ixp + o, mask=has_r, other=0.0), tl.load(iyp + o, mask=has_r, other=0.0),
-                         tl.load(rcp + o, mask=has_r, other=0.0), tl.load(u1p + o, mask=has_r, other=0.0),
-                         tl.load(u2p + o, mask=has_r, other=0.0), d1, d2, l_t, theta)
-        # ... and below it (y+1 >= 1, so never the first row)
-        o = off + W
-        has_dl = has_d & (xs >= 1)
-        d1 = _divergence(tl.load(p11p + o, mask=has_d, other=0.0), tl.load(p11p + o - 1, mask=has_dl, other=0.0),
-                         tl.load(p12p + o, mask=has_d, other=0.0), p12, xz, never)
-        d2 = _divergence(tl.load(p21p + o, mask=has_d, other=0.0), tl.load(p21p + o - 1, mask=has_dl, other=0.0),
-                         tl.load(p22p + o, mask=has_d, other=0.0), p22, xz, never)
-        b1, b2 = _primal(tl.load(ixp + o, mask=has_d, other=0.0), tl.load(iyp + o, mask=has_d, other=0.0),
-                         tl.load(rcp + o, mask=has_d, other=0.0), tl.load(u1p + o, mask=has_d, other=0.0),
-                         tl.load(u2p + o, mask=has_d, other=0.0), d1, d2, l_t, theta)
+    A thread owns one column and walks down the band: the primal update of the row below, needed
+    for the forward gradient, becomes the next step's own row, so every pixel's primal update is
+    computed once and its inputs are loaded once; the left and right neighbours it needs come from
+    the row held by the other threads (``tl.gather``) instead of memory or recomputation."""
+    xs = tl.arange(0, TW)
+    inx = xs < W
+    xz = xs == 0
+    last_x = xs + 1 >= W
+    never = xs < 0
+    left = tl.maximum(xs - 1, 0)
+    right = tl.minimum(xs + 1, TW - 1)
+    u1p = U + ((qu * 2) * B + bb) * n
+    u2p = U + ((qu * 2 + 1) * B + bb) * n
+    ixp = C + bb * n
+    iyp = C + (B + bb) * n
+    rcp = C + (2 * B + bb) * n
+    p11p = P + ((qp * 4) * B + bb) * n
+    p12p = P + ((qp * 4 + 1) * B + bb) * n
+    p21p = P + ((qp * 4 + 2) * B + bb) * n
+    p22p = P + ((qp * 4 + 3) * B + bb) * n
+    ru = 1 - qu
+    rp = 1 - qp
+    v1p = U + ((ru * 2) * B + bb) * n
+    v2p = U + ((ru * 2 + 1) * B + bb) * n
+    q11p = P + ((rp * 4) * B + bb) * n
+    q12p = P + ((rp * 4 + 1) * B + bb) * n
+    q21p = P + ((rp * 4 + 2) * B + bb) * n
+    q22p = P + ((rp * 4 + 3) * B + bb) * n
 
-        e1 = n1 - u1
-        e2 = n2 - u2
-        err = tl.where(inside, e1 * e1 + e2 * e2, 0.0).to(tl.float64)
-        tl.atomic_add(ERR + sc * B + b, tl.sum(tl.sum(err, axis=1), axis=0))
-
-        # dual update with the forward gradient of the new u
-        last_x = xs + 1 >= W
-        last_y = ys + 1 >= H
-        u1x = tl.where(last_x, 0.0, r1 - n1)
-        u1y = tl.where(last_y, 0.0, b1 - n1)
-        u2x = tl.where(last_x, 0.0, r2 - n2)
-        u2y = tl.where(last_y, 0.0, b2 - n2)
+    # the band's first row: its own primal update
+    y = band * R
+    o = y * W + xs
+    mu = inx & (y >= 1)
+    u1 = tl.load(u1p + o, mask=inx, other=0.0)
+    u2 = tl.load(u2p + o, mask=inx, other=0.0)
+    p11 = tl.load(p11p + o, mask=inx, other=0.0)
+    p12 = tl.load(p12p + o, mask=inx, other=0.0)
+    p21 = tl.load(p21p + o, mask=inx, other=0.0)
+    p22 = tl.load(p22p + o, mask=inx, other=0.0)
+    yz = never | (y == 0)
+    d1 = _divergence(p11, tl.gather(p11, left, 0), p12, tl.load(p12p + o - W, mask=mu, other=0.0), xz, yz)
+    d2 = _divergence(p21, tl.gather(p21, left, 0), p22, tl.load(p22p + o - W, mask=mu, other=0.0), xz, yz)
+    n1, n2 = _primal(tl.load(ixp + o, mask=inx, other=0.0), tl.load(iyp + o, mask=inx, other=0.0),
+                     tl.load(rcp + o, mask=inx, other=0.0), u1, u2, d1, d2, l_t, theta)
+    acc = tl.zeros([TW], dtype=tl.float32)
+    for r in range(R):
+        row_ok = inx & (y < H)
+        od = o + W
+        md = inx & (y + 1 < H)
+        # the row below: inputs and primal update
+        u1d = tl.load(u1p + od, mask=md, other=0.0)
+        u2d = tl.load(u2p + od, mask=md, other=0.0)
+        p11d = tl.load(p11p + od, mask=md, other=0.0)
+        p12d = tl.load(p12p + od, mask=md, other=0.0)
+        p21d = tl.load(p21p + od, mask=md, other=0.0)
+        p22d = tl.load(p22p + od, mask=md, other=0.0)
+        if LOAD_LEFT:  # from memory (the row is in L1 already) instead of through shared memory
+            mdl = md & (xs >= 1)
+            p11dl = tl.load(p11p + od - 1, mask=mdl, other=0.0)
+            p21dl = tl.load(p21p + od - 1, mask=mdl, other=0.0)
+        else:
+            p11dl = tl.gather(p11d, left, 0)
+            p21dl = tl.gather(p21d, left, 0)
+        d1 = _divergence(p11d, p11dl, p12d, p12, xz, never)
+        d2 = _divergence(p21d, p21dl, p22d, p22, xz, never)
+        n1d, n2d = _primal(tl.load(ixp + od, mask=md, other=0.0), tl.load(iyp + od, mask=md, other=0.0),
+                           tl.load(rcp + od, mask=md, other=0.0), u1d, u2d, d1, d2, l_t, theta)
+        # dual update of this row with the forward gradient of the new u
+        last_y = never | (y + 1 >= H)
+        if PACK_RIGHT:  # both components through shared memory in one exchange
+            n1r, n2r = tl.split(tl.gather(tl.join(n1, n2), tl.broadcast_to(right[:, None], (TW, 2)), 0))
+        else:
+            n1r = tl.gather(n1, right, 0)
+            n2r = tl.gather(n2, right, 0)
+        u1x = tl.where(last_x, 0.0, n1r - n1)
+        u2x = tl.where(last_x, 0.0, n2r - n2)
+        u1y = tl.where(last_y, 0.0, n1d - n1)
+        u2y = tl.where(last_y, 0.0, n2d - n2)
         ng1 = 1.0 + taut * _hypot(u1x, u1y)
         ng2 = 1.0 + taut * _hypot(u2x, u2y)
-        ru = 1 - qu
-        rp = 1 - qp
-        tl.store(U + ((ru * 2) * B + bb) * n + off, n1, mask=inside)
-        tl.store(U + ((ru * 2 + 1) * B + bb) * n + off, n2, mask=inside)
-        tl.store(P + ((rp * 4) * B + bb) * n + off, tl.math.div_rn(p11 + taut * u1x, ng1), mask=inside)
-        tl.store(P + ((rp * 4 + 1) * B + bb) * n + off, tl.math.div_rn(p12 + taut * u1y, ng1), mask=inside)
-        tl.store(P + ((rp * 4 + 2) * B + bb) * n + off, tl.math.div_rn(p21 + taut * u2x, ng2), mask=inside)
-        tl.store(P + ((rp * 4 + 3) * B + bb) * n + off, tl.math.div_rn(p22 + taut * u2y, ng2), mask=inside)
+        tl.store(v1p + o, n1, mask=row_ok)
+        tl.store(v2p + o, n2, mask=row_ok)
+        tl.store(q11p + o, tl.math.div_rn(p11 + taut * u1x, ng1), mask=row_ok)
+        tl.store(q12p + o, tl.math.div_rn(p12 + taut * u1y, ng1), mask=row_ok)
+        tl.store(q21p + o, tl.math.div_rn(p21 + taut * u2x, ng2), mask=row_ok)
+        tl.store(q22p + o, tl.math.div_rn(p22 + taut * u2y, ng2), mask=row_ok)
+        e1 = n1 - u1
+        e2 = n2 - u2
+        acc += tl.where(row_ok, e1 * e1 + e2 * e2, 0.0)
+        # step down
+        y += 1
+        o = od
+        u1, u2, p11, p12, p21, p22, n1, n2 = u1d, u2d, p11d, p12d, p21d, p22d, n1d, n2d
+    # summed in float32 over the band, in double across bands (OpenCV: float, row by row)
+    return tl.sum(acc, axis=0).to(tl.float64)
+
+
+@triton.jit(do_not_specialize=["sp", "sc", "sn", "B", "H", "W", "nbands"])
+def _rows_kernel(U, P, C, ACT, CU, CP, ERR, sp, sc, sn, B, H, W, nbands,
+                 eps, l_t, theta, taut,
+                 BLOCK_B: tl.constexpr, TW: tl.constexpr, R: tl.constexpr, LOAD_LEFT: tl.constexpr,
+                 PACK_RIGHT: tl.constexpr):
+    """The same iteration as ``_iteration_kernel``, on bands of R full-width rows (see
+    ``_rows_iterate``)."""
+    prefix, tag, n_run = _schedule(ACT, CU, CP, ERR, sp, sc, sn, B, eps, True, False, BLOCK_B)
+    n = H * W
+    for item in tl.range(tl.program_id(0), n_run * nbands, tl.num_programs(0)):
+        k = item // nbands
+        band = item - k * nbands
+        b, qu, qp = _pair_of_item(prefix, tag, k)
+        err = _rows_iterate(U, P, C, B, H, W, n, b.to(tl.int64), qu, qp, band, l_t, theta, taut, TW, R,
+                            LOAD_LEFT, PACK_RIGHT)
+        tl.atomic_add(ERR + sc * B + b, err)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -378,15 +529,14 @@ def _median5x5(base, ys, xs, H, W, m):
 def _median_kernel(U, ACT, CU, CP, ERR, sp, sc, sn, B, H, W, ntx, ntiles, eps,
                    BLOCK_B: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr):
     """u (parity q) -> median-filtered u (parity 1-q) for every running pair; errors pass through."""
-    prefix, n_run = _schedule(ACT, CU, CP, ERR, sp, sc, sn, B, eps, False, True, BLOCK_B)
+    prefix, tag, n_run = _schedule(ACT, CU, CP, ERR, sp, sc, sn, B, eps, False, True, BLOCK_B)
     n = H * W
     ys0 = tl.arange(0, TH)[:, None]
     xs0 = tl.arange(0, TW)[None, :]
     for item in tl.range(tl.program_id(0), n_run * ntiles, tl.num_programs(0)):
         k = item // ntiles
         tile = item - k * ntiles
-        b = _pair_of_item(prefix, k)
-        qu = tl.load(CU + sp * B + b) & 1
+        b, qu, _ = _pair_of_item(prefix, tag, k)
         bb = b.to(tl.int64)
         ty = tile // ntx
         ys = ty * TH + ys0
@@ -489,18 +639,167 @@ def _warp_kernel(U, P, C, I0, I1, I1X, I1Y, ACT, QU, QP, CU, CP, ERR, s_init, s_
 
 
 # ----------------------------------------------------------------------------------------------
+# Every pair at its own pace: one kernel that warps, filters or iterates, per pair
+
+
+ST_ITER = tl.constexpr(0)
+ST_MEDIAN = tl.constexpr(1)
+ST_REMAP = tl.constexpr(2)
+ST_DONE = tl.constexpr(3)
+ST_START = tl.constexpr(4)
+
+
+@triton.jit
+def _advance(prev, err, eps, n_warps, n_outer, n_inner, FIRST: tl.constexpr):
+    """What each pair runs now, from what it ran in the previous launch and that launch's error:
+    tvl1flow.cpp's loops (warps, then outer iterations starting with the median, then inner
+    iterations while the error stays above eps) unrolled into a per-pair state machine.
+    State word: stage (bits 0-2), warp (3-7), outer iteration (8-15), inner iteration (16-30).
+    FIRST is the first stage of an outer iteration (ST_MEDIAN, or ST_ITER without a median)."""
+    st = prev & 7
+    w = (prev >> 3) & 31
+    o = (prev >> 8) & 255
+    i = (prev >> 16) & 32767
+    end_inner = i + 1 >= n_inner
+    warp_done = (err <= eps) | (end_inner & (o + 1 >= n_outer))
+    it_st = tl.where(warp_done, tl.where(w + 1 < n_warps, ST_REMAP, ST_DONE),
+                     tl.where(end_inner, FIRST, ST_ITER))
+    it_w = tl.where(warp_done, w + 1, w)
+    it_o = tl.where(warp_done, 0, tl.where(end_inner, o + 1, o))
+    it_i = tl.where(warp_done | end_inner, 0, i + 1)
+    is_it = st == ST_ITER
+    new_st = tl.where(is_it, it_st, tl.where(st == ST_MEDIAN, ST_ITER, tl.where(
+        st == ST_REMAP, FIRST, tl.where(st == ST_START, ST_REMAP, ST_DONE))))
+    new_w = tl.where(is_it, it_w, tl.where(st == ST_START, 0, w))
+    new_o = tl.where(is_it, it_o, tl.where(st == ST_MEDIAN, o, 0))
+    new_i = tl.where(is_it, it_i, 0)
+    return new_st | (new_w << 3) | (new_o << 8) | (new_i << 16)
+
+
+@triton.jit
+def _step_schedule(ST, CU, CP, ERR, sp, sc, sn, B, eps, n_warps, n_outer, n_inner,
+                   FIRST: tl.constexpr, BLOCK_B: tl.constexpr):
+    """Like ``_schedule``, for the per-pair state machine: tags carry the stage (bits 18-20)."""
+    offs = tl.arange(0, BLOCK_B)
+    m = offs < B
+    prev = tl.load(ST + sp * B + offs, mask=m, other=3)
+    err = tl.load(ERR + sp * B + offs, mask=m, other=0.0)
+    cu = tl.load(CU + sp * B + offs, mask=m, other=0)
+    cp = tl.load(CP + sp * B + offs, mask=m, other=0)
+    state = _advance(prev, err, eps, n_warps, n_outer, n_inner, FIRST)
+    stage = state & 7
+    run = (m & (stage != ST_DONE)).to(tl.int32)
+    if tl.program_id(0) == 0:
+        tl.store(ST + sc * B + offs, state, mask=m)
+        tl.store(CU + sc * B + offs, cu + (stage <= ST_MEDIAN).to(tl.int32), mask=m)
+        tl.store(CP + sc * B + offs, cp + (stage == ST_ITER).to(tl.int32), mask=m)
+        tl.store(ERR + sn * B + offs, tl.zeros([BLOCK_B], dtype=tl.float64), mask=m)
+    prefix = tl.cumsum(run, axis=0)
+    tag = tl.where(run != 0, ((cu & 1) << 16) | ((cp & 1) << 17) | (stage << 18), 0)
+    return prefix, tag, tl.sum(run, axis=0)
+
+
+@triton.jit
+def _rows_median(U, B, H, W, n, bb, qu, band, TW: tl.constexpr, R: tl.constexpr):
+    """5x5 median of both flow components on a band of rows: parity qu -> 1 - qu."""
+    xs = tl.arange(0, TW)
+    inx = xs < W
+    y = band * R
+    for r in range(R):
+        ok = inx & (y < H)
+        for c in tl.static_range(2):
+            med = _median5x5(U + ((qu * 2 + c) * B + bb) * n, y, xs, H, W, ok)
+            tl.store(U + (((1 - qu) * 2 + c) * B + bb) * n + y * W + xs, med, mask=ok)
+        y += 1
+
+
+@triton.jit
+def _rows_remap(U, C, I0, I1, I1X, I1Y, B, H, W, n, bb, qu, band, TW: tl.constexpr, R: tl.constexpr):
+    """Start of a warping on a band of rows: warp I1 and its gradient by u (parity qu) and store
+    the data-term constants (I1wx, I1wy, rho_c)."""
+    xs = tl.arange(0, TW)
+    inx = xs < W
+    y = band * R
+    for r in range(R):
+        ok = inx & (y < H)
+        off = y * W + xs
+        u1 = tl.load(U + ((qu * 2) * B + bb) * n + off, mask=ok, other=0.0)
+        u2 = tl.load(U + ((qu * 2 + 1) * B + bb) * n + off, mask=ok, other=0.0)
+        mx = xs.to(tl.float32) + u1
+        my = y.to(tl.float32) + u2
+        fx = tl.floor(mx)
+        fy = tl.floor(my)
+        wx0, wx1, wx2, wx3 = _keys(mx - fx)
+        wy0, wy1, wy2, wy3 = _keys(my - fy)
+        ix = fx.to(tl.int32) - 1
+        iy = fy.to(tl.int32) - 1
+        i1w = _bicubic(I1 + bb * n, iy, ix, wx0, wx1, wx2, wx3, wy0, wy1, wy2, wy3, H, W, ok)
+        i1wx = _bicubic(I1X + bb * n, iy, ix, wx0, wx1, wx2, wx3, wy0, wy1, wy2, wy3, H, W, ok)
+        i1wy = _bicubic(I1Y + bb * n, iy, ix, wx0, wx1, wx2, wx3, wy0, wy1, wy2, wy3, H, W, ok)
+        i0 = tl.load(I0 + bb * n + off, mask=ok, other=0.0)
+        tl.store(C + bb * n + off, i1wx, mask=ok)
+        tl.store(C + (B + bb) * n + off, i1wy, mask=ok)
+        tl.store(C + (2 * B + bb) * n + off, i1w - i1wx * u1 - i1wy * u2 - i0, mask=ok)
+        y += 1
+
+
+@triton.jit(do_not_specialize=["sp", "sc", "sn", "B", "H", "W", "nbands", "n_warps", "n_outer", "n_inner"])
+def _step_kernel(U, P, C, I0, I1, I1X, I1Y, ST, CU, CP, ERR, sp, sc, sn, B, H, W, nbands,
+                 n_warps, n_outer, n_inner, eps, l_t, theta, taut,
+                 FIRST: tl.constexpr, BLOCK_B: tl.constexpr, TW: tl.constexpr, R: tl.constexpr):
+    """One step of every unfinished pair, each at its own stage: a pair whose warping converged
+    moves on to the next warping while slower pairs keep iterating, so no pair waits for the
+    slowest of its batch until the pyramid level ends."""
+    prefix, tag, n_run = _step_schedule(ST, CU, CP, ERR, sp, sc, sn, B, eps, n_warps, n_outer, n_inner,
+                                        FIRST, BLOCK_B)
+    n = H * W
+    for item in tl.range(tl.program_id(0), n_run * nbands, tl.num_programs(0)):
+        k = item // nbands
+        band = item - k * nbands
+        packed = tl.sum((prefix <= k).to(tl.int32) + tl.where(prefix == k + 1, tag, 0), axis=0)
+        b = packed & 0xFFFF
+        qu = (packed >> 16) & 1
+        qp = (packed >> 17) & 1
+        stage = (packed >> 18) & 7
+        bb = b.to(tl.int64)
+        if stage == ST_ITER:
+            err = _rows_iterate(U, P, C, B, H, W, n, bb, qu, qp, band, l_t, theta, taut, TW, R, True, True)
+            tl.atomic_add(ERR + sc * B + b, err)
+        elif stage == ST_MEDIAN:
+            _rows_median(U, B, H, W, n, bb, qu, band, TW, R)
+        else:
+            _rows_remap(U, C, I0, I1, I1X, I1Y, B, H, W, n, bb, qu, band, TW, R)
+
+
+# ----------------------------------------------------------------------------------------------
 # Host side
 
 
 @dataclass(frozen=True)
 class KernelConfig:
-    """Tile of one work item (TH x TW pixels), warps per program, resident programs per SM, and
-    whether outer iterations are replayed as CUDA graphs."""
+    """Launch shapes. ``schedule`` "async" lets every pair advance through its warpings at its own
+    pace in one step kernel (the host looks every ``steps_per_check`` steps whether all pairs are
+    done); "lockstep" keeps the batch on one warping until its slowest pair has converged, with
+    separate warp, median and iteration kernels. ``kind`` picks lockstep's iteration kernel: "rows" sweeps bands of ``rows`` full-width
+    rows (one column per thread), "tiles" works on ``sub_tiles`` stacked TH x TW tiles per item
+    and recomputes the neighbours' primal updates. TH x TW is also the median's and the warp
+    kernel's tile. Then warps per program (for "rows" it follows from the padded width), programs
+    per SM in the persistent grid, software-pipelining stages, a register cap, and whether outer
+    iterations are CUDA graph replays."""
 
-    th: int = 4
-    tw: int = 64
+    schedule: str = "lockstep"
+    steps_per_check: int = 32
+    kind: str = "rows"
+    rows: int = 8
+    load_left: bool = True
+    pack_right: bool = True
+    th: int = 8
+    tw: int = 32
+    sub_tiles: int = 4
     num_warps: int = 8
-    programs_per_sm: int = 8
+    programs_per_sm: int = 12
+    num_stages: int = 3
+    max_registers: int | None = 64
     cuda_graphs: bool = True
 
 
@@ -544,7 +843,11 @@ class _Level:
         self.I1X = torch.zeros(b, h, w, **f32)
         self.I1Y = torch.zeros(b, h, w, **f32)
         self.ntx = triton.cdiv(w, cfg.tw)
-        self.ntiles = self.ntx * triton.cdiv(h, cfg.th)
+        nty = triton.cdiv(h, cfg.th)
+        self.ntiles = self.ntx * nty
+        self.nitems = self.ntx * triton.cdiv(nty, cfg.sub_tiles)
+        self.tw_rows = max(32, triton.next_power_of_2(w))
+        self.nbands = triton.cdiv(h, cfg.rows)
         self.graph = None
 
 
@@ -572,6 +875,11 @@ class TVL1Triton:
         self.CU = torch.zeros(self.NSLOTS, b, **i32)
         self.CP = torch.zeros(self.NSLOTS, b, **i32)
         self.ERR = torch.zeros(self.NSLOTS, b, dtype=torch.float64, device=self.device)
+        self.ST = torch.zeros(self.NSLOTS, b, **i32)
+        self.step_seq = _slot_cycle(max(3, cfg.steps_per_check))
+        if cfg.schedule == "async" and not (params.warps < 32 and params.outer_iterations < 256
+                                            and params.inner_iterations < 32768 and b < 65536):
+            raise ValueError("warps, outer and inner iterations or the batch exceed the state word")
         self.QPREV = torch.zeros(2, b, **i32)
         self.block_b = max(256, triton.next_power_of_2(b))  # one compiled variant up to 256 pairs
         if self.device.type == "cuda":
@@ -579,7 +887,9 @@ class TVL1Triton:
         else:
             sms = 1
         self.grid = (max(1, sms * cfg.programs_per_sm),)
-        self.launch_opts = dict(num_warps=cfg.num_warps)
+        self.launch_opts = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        if cfg.max_registers:
+            self.launch_opts["maxnreg"] = cfg.max_registers
         if not _INTERPRET:
             self.launch_opts["enable_fp_fusion"] = False
         p = params
@@ -604,11 +914,18 @@ class TVL1Triton:
                 _median_kernel[self.grid](
                     lv.U, self.ACT, self.CU, self.CP, self.ERR, sp, sc, sn, self.b, lv.h, lv.w,
                     lv.ntx, lv.ntiles, eps, BLOCK_B=self.block_b, TH=cfg.th, TW=cfg.tw, **self.launch_opts)
+            elif cfg.kind == "rows":
+                opts = dict(self.launch_opts, num_warps=max(1, min(16, lv.tw_rows // 32)))
+                _rows_kernel[self.grid](
+                    lv.U, lv.P, lv.C, self.ACT, self.CU, self.CP, self.ERR, sp, sc, sn, self.b, lv.h, lv.w,
+                    lv.nbands, eps, self.l_t, self.theta, self.taut,
+                    BLOCK_B=self.block_b, TW=lv.tw_rows, R=cfg.rows, LOAD_LEFT=cfg.load_left,
+                    PACK_RIGHT=cfg.pack_right, **opts)
             else:
                 _iteration_kernel[self.grid](
                     lv.U, lv.P, lv.C, self.ACT, self.CU, self.CP, self.ERR, sp, sc, sn, self.b, lv.h, lv.w,
-                    lv.ntx, lv.ntiles, eps, self.l_t, self.theta, self.taut,
-                    BLOCK_B=self.block_b, TH=cfg.th, TW=cfg.tw, **self.launch_opts)
+                    lv.ntx, lv.nitems, eps, self.l_t, self.theta, self.taut,
+                    BLOCK_B=self.block_b, TH=cfg.th, TW=cfg.tw, S=cfg.sub_tiles, **self.launch_opts)
 
     def _launch_warp(self, lv: _Level) -> None:
         last = self.seq[-1]
@@ -641,7 +958,47 @@ class TVL1Triton:
 
     # -- the solver ----------------------------------------------------------------------------
 
+    def _launch_steps(self, lv: _Level) -> None:
+        seq, n = self.step_seq, len(self.step_seq)
+        p = self.params
+        opts = dict(self.launch_opts, num_warps=max(1, min(16, lv.tw_rows // 32)))
+        for j in range(n):
+            _step_kernel[self.grid](
+                lv.U, lv.P, lv.C, lv.I0, lv.I1, lv.I1X, lv.I1Y, self.ST, self.CU, self.CP, self.ERR,
+                seq[j - 1], seq[j], seq[(j + 1) % n], self.b, lv.h, lv.w, lv.nbands,
+                p.warps, p.outer_iterations, p.inner_iterations, self._eps(lv), self.l_t, self.theta, self.taut,
+                FIRST=1 if self.median else 0, BLOCK_B=self.block_b, TW=lv.tw_rows, R=self.cfg.rows, **opts)
+
+    def _steps(self, lv: _Level) -> None:
+        self.iterations_run += 1
+        if not (self.cfg.cuda_graphs and self.device.type == "cuda"):
+            self._launch_steps(lv)
+            return
+        if lv.graph is None:
+            self._launch_steps(lv)
+            torch.cuda.synchronize(self.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._launch_steps(lv)
+            lv.graph = graph
+            return
+        lv.graph.replay()
+
+    def _solve_level_async(self, lv: _Level) -> torch.Tensor:
+        p = self.params
+        last = self.step_seq[-1]
+        self.ST[last].fill_(4)  # ST_START
+        max_steps = p.warps * (1 + p.outer_iterations * (1 + p.inner_iterations)) + 2
+        for _ in range(-(-max_steps // len(self.step_seq))):
+            self._steps(lv)
+            if bool(((self.ST[last] & 7) == 3).all()):
+                break
+        q = (self.CU[last] & 1).bool().view(self.b, 1, 1, 1)
+        return torch.where(q, lv.U[1].transpose(0, 1), lv.U[0].transpose(0, 1))  # (B, 2, H, W)
+
     def _solve_level(self, lv: _Level) -> torch.Tensor:
+        if self.cfg.schedule == "async":
+            return self._solve_level_async(lv)
         for _ in range(self.params.warps):
             self._launch_warp(lv)
             for _ in range(self.params.outer_iterations):
@@ -673,6 +1030,7 @@ class TVL1Triton:
             lv.P.zero_()
             self.CU.zero_()
             self.CP.zero_()
+            self.ERR.zero_()
             if flow is None:
                 lv.U.zero_()
             else:
@@ -682,7 +1040,8 @@ class TVL1Triton:
         return flow.contiguous()
 
 
-_SOLVERS: dict[tuple, TVL1Triton] = {}
+_SOLVERS: "OrderedDict[tuple, TVL1Triton]" = OrderedDict()
+MAX_CACHED_SOLVERS = 4  # each holds its batch's device buffers
 
 
 def tvl1_flow_triton(prev: torch.Tensor, nxt: torch.Tensor, params: ref.TVL1Params = ref.TVL1Params(),
@@ -694,7 +1053,10 @@ def tvl1_flow_triton(prev: torch.Tensor, nxt: torch.Tensor, params: ref.TVL1Para
     key = (b, h, w, params, str(prev.device), cfg)
     solver = _SOLVERS.get(key)
     if solver is None:
+        while len(_SOLVERS) >= MAX_CACHED_SOLVERS:
+            _SOLVERS.popitem(last=False)
         solver = _SOLVERS[key] = TVL1Triton(b, h, w, params, prev.device, cfg)
+    _SOLVERS.move_to_end(key)
     return solver(prev, nxt)
 
 
