@@ -1,6 +1,6 @@
 """Frames stage throughput against ffmpeg, per core and with 2 jobs (IMRS section 4.2.1 step).
 
-    python benchmarks/frames_bench.py [--repeat 3] [--long 4 --long-frames 600] [--profile]
+    python benchmarks/frames_bench.py [--repeat 3] [--long 6 --long-frames 1000] [--profile]
 
 Same videos for both: the real files of /work/shared/data/videos that decode, plus generated
 longer UCF101-like clips (320x240 MPEG-4 Part 2 in AVI). The reference is
@@ -9,12 +9,12 @@ longer UCF101-like clips (320x240 MPEG-4 Part 2 in AVI). The reference is
 
 one process per core (1 job: one at a time; 2 jobs: two in parallel). The stage runs as users
 run it (`pipeline frames` in a child process: index, ledger, atomic publish, one syncfs per
-video, 256x256 squash, JPEG quality 95), start-up included. Throughput is source frames decoded per second for both (ffmpeg's image2
-output may duplicate or drop a frame for timestamp gaps; its file count is printed too). Each
-figure is the best of --repeat runs, files in the page cache (read once before timing). Wall
-time gives frames/s and the 2-job scaling, which need idle cores; CPU time (user+sys of the
-child processes) gives frames per CPU-second, a per-core comparison that a busy machine does
-not distort.
+video, 256x256 squash, JPEG quality 95), start-up included (printed on its own at the end).
+Throughput is source frames decoded per second for both (ffmpeg's image2 output may duplicate
+or drop a frame for timestamp gaps; its file count is printed too). Each figure is the best
+of --repeat interleaved runs, files in the page cache (read once before timing). Wall time
+gives frames/s and the 2-job scaling, which need idle cores; CPU time (user+sys of the child
+processes) gives frames per CPU-second, a per-core comparison a busy machine distorts less.
 --profile splits one process's time per frame into decode, resize, JPEG encode, file write,
 and the flush (syncfs once per video, or fsync per file).
 """

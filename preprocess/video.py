@@ -20,8 +20,9 @@ instead of yielding a short, silently incomplete video. Policies, decided once h
   read, "partial file", "File ended prematurely", a decode error) or the container is AVI,
   whose header states the exact count. A shortfall with neither is accepted: it is the
   estimated count of a VFR or Matroska file, or an MP4 edit list trimming its first frames,
-  all of which decode cleanly. Damage FFmpeg conceals mid-stream without losing frames is not
-  detected. Frames decoded before the damage are never reported as a complete video.
+  all of which decode cleanly. Not detected: damage FFmpeg conceals without losing frames, and
+  a cut in a stream with neither a count nor an error message (raw MPEG-PS, e.g. a truncated
+  copy of data/videos/pygame_blue.mpg yields its first 17 of 24 frames as the whole video).
 * **One decoder thread.** Parallelism comes from running one video per worker process.
 
 FFmpeg writes its messages to file descriptor 2; while a video is opened or read they are

@@ -216,7 +216,8 @@ def test_listed_but_missing_video_is_recorded_and_exit_status_is_1(tmp_path):
     status = CliRunner().invoke(cli, ["status", "--data", str(data)])
     assert status.exit_code == 0
     lines = status.output.splitlines()
-    assert "ucf101 dataset, 2 videos in 2 classes" in lines[0] and "1 listed but missing" in lines[0]
+    assert "ucf101 dataset, 2 videos in 2 classes" in lines[0]
+    assert "1 listed but missing" in lines[0]
     assert lines[2].split() == ["frames", "2", "1", "0"]
     assert lines[3].split()[:4] == ["flow", "0", "0", "2"] and "(not started)" in lines[3]
     assert any("frames FAILED Run/v_Run_g02_c01" in line for line in lines)
