@@ -105,13 +105,24 @@ def remove_published(final: Path) -> None:
         trash.unlink(missing_ok=True)
 
 
-def clean_stale_temps(root: Path) -> int:
-    """Remove every TMP_PREFIX entry under `root` (call only while holding the stage lock)."""
+def clean_stale_temps(root: Path, *, max_depth: int | None = None) -> int:
+    """Remove every TMP_PREFIX entry under `root` (call only while holding the stage lock).
+
+    `max_depth` bounds the search to entries that many levels below `root`: the per-video
+    outputs sit at <class>/<video> (depth 2), and listing every frame file of UCF101 (2.5 M)
+    on each run would cost minutes for nothing.
+    """
     root = Path(root)
     if not root.exists():
         return 0
     removed = 0
+    base_depth = len(root.parts)
     for dirpath, dirnames, filenames in os.walk(root):
+        if max_depth is not None and len(Path(dirpath).parts) - base_depth + 1 >= max_depth:
+            # entries below this folder are deeper than max_depth: look at, but not into, them
+            descend = []
+        else:
+            descend = None
         for name in list(dirnames):
             if name.startswith(TMP_PREFIX):
                 # Renamed away first: a writer that still holds this folder (a cluster task
@@ -128,4 +139,6 @@ def clean_stale_temps(root: Path) -> int:
             if name.startswith(TMP_PREFIX):
                 (Path(dirpath) / name).unlink(missing_ok=True)
                 removed += 1
+        if descend is not None:
+            dirnames[:] = descend
     return removed

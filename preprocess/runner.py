@@ -142,7 +142,7 @@ def run_stage(stage: str, layout: DataLayout, items: Sequence[str],
             remove_published(out_dir)
             ledger.reset()
         ensure_writable(out_dir)
-        clean_stale_temps(out_dir)
+        clean_stale_temps(out_dir, max_depth=2)  # temporaries are <class>/.tmp-<video>
 
         records = ledger.load()
         summary = StageSummary(stage, total=len(items) + len(known_failures or {}))

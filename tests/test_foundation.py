@@ -175,3 +175,13 @@ def test_full_disk_stops_the_stage_and_leaves_the_video_pending(tmp_path):
                   progress=False)
     assert "c/full" not in Ledger(lay.ledger_path("frames")).load()
     assert stage_status(lay, "frames", ["c/full"])["pending"] == 1
+
+
+def test_clean_stale_temps_stops_at_max_depth(tmp_path):
+    (tmp_path / "c" / f"{TMP_PREFIX}v.1").mkdir(parents=True)
+    (tmp_path / "c" / "v").mkdir()
+    (tmp_path / "c" / "v" / f"{TMP_PREFIX}deep").write_bytes(b"")
+    assert clean_stale_temps(tmp_path, max_depth=2) == 1
+    assert (tmp_path / "c" / "v" / f"{TMP_PREFIX}deep").exists()
+    assert not (tmp_path / "c" / f"{TMP_PREFIX}v.1").exists()
+    assert clean_stale_temps(tmp_path) == 1
