@@ -21,7 +21,7 @@ FORCE_OPTION = click.option("--force", is_flag=True,
 
 
 def clear_errors(fn):
-    """Turn the pipeline's expected errors into one clear line and exit status 2."""
+    """Turn the pipeline's expected errors into one clear line (click's exit status 1)."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
