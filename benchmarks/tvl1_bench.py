@@ -53,12 +53,9 @@ def time_gpu(fn, prev, nxt, repeats: int) -> tuple[float, object]:
 
 
 def label(cfg) -> str:
+    opts = (" loadleft" if cfg.load_left else "") + (" packright" if cfg.pack_right else "")
     reg = f" r{cfg.max_registers}" if cfg.max_registers else ""
-    if cfg.kind == "rows":
-        left = " loadleft" if cfg.load_left else ""
-        right = " packright" if cfg.pack_right else ""
-        return f"{cfg.schedule} rows{cfg.rows}{left}{right} p{cfg.programs_per_sm} s{cfg.num_stages}{reg}"
-    return f"tiles {cfg.th}x{cfg.tw}x{cfg.sub_tiles} w{cfg.num_warps} p{cfg.programs_per_sm} s{cfg.num_stages}{reg}"
+    return f"rows{cfg.rows}{opts} p{cfg.programs_per_sm} s{cfg.num_stages}{reg}"
 
 
 def profile_once(fn, prev, nxt) -> None:
@@ -106,12 +103,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", help="inputs packed by tvl1_parity.py --export")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--batches", default="64,256,512")
-    ap.add_argument("--configs", default="rows8p8s3lL,rows8p8s3lLJ,rows8p12s3lLJ,rows8p12s3lLJr64,rows16p12s3lLJ,rows8p12s3aLJ",
-                    help="rows<R>p<programs per SM>s<stages>[a|l][L][r<register cap>] for the row kernels (a: each "
-                         "pair at its own pace, l: lockstep warpings, L: left neighbours loaded, not gathered, J: "
-                         "right neighbours' two flow components exchanged together), or <TH>x<TW>w<warps>p<programs per SM>"
-                         "s<stages>S<tiles per item>[r<register cap>] for the lockstep tile kernel")
+    ap.add_argument("--batches", default="256,512,1024")
+    ap.add_argument("--configs", default="rows8p12s3Lr64,rows8p12s3LJr64,rows8p8s3L,rows16p12s3Lr64",
+                    help="rows<R>p<programs per SM>s<stages>[L][J][r<register cap>]: band height R; L: left "
+                         "duals loaded, not gathered; J: right flow values exchanged as one packed pair")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip-torch", action="store_true")
     ap.add_argument("--profile", action="store_true", help="kernel time breakdown of the best version")
@@ -191,18 +186,10 @@ def main() -> None:
             traceback.print_exc()
     configs = []
     for spec in args.configs.split(","):
-        if spec.startswith("rows"):
-            g = re.fullmatch(r"rows(\d+)p(\d+)s(\d+)([al]?)(L?)(J?)(?:r(\d+))?", spec).groups()
-            configs.append(tvl1_triton.KernelConfig(
-                schedule="async" if g[3] == "a" else "lockstep", kind="rows", rows=int(g[0]), load_left=g[4] == "L",
-                pack_right=g[5] == "J", programs_per_sm=int(g[1]), num_stages=int(g[2]),
-                max_registers=int(g[6]) if g[6] else None))
-            continue
-        g = re.fullmatch(r"(\d+)x(\d+)w(\d+)p(\d+)s(\d+)(?:S(\d+))?(?:r(\d+))?", spec).groups()
+        g = re.fullmatch(r"rows(\d+)p(\d+)s(\d+)(L?)(J?)(?:r(\d+))?", spec).groups()
         configs.append(tvl1_triton.KernelConfig(
-            schedule="lockstep", kind="tiles",
-            th=int(g[0]), tw=int(g[1]), num_warps=int(g[2]), programs_per_sm=int(g[3]), num_stages=int(g[4]),
-            sub_tiles=int(g[5] or 1), max_registers=int(g[6]) if g[6] else None))
+            rows=int(g[0]), programs_per_sm=int(g[1]), num_stages=int(g[2]), load_left=g[3] == "L",
+            pack_right=g[4] == "J", max_registers=int(g[5]) if g[5] else None))
     batches = [int(x) for x in args.batches.split(",")]
     best = (0.0, None)
     for cfg in configs:

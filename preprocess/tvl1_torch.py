@@ -410,9 +410,9 @@ def _default_device() -> torch.device:
 # Triton path's double-buffered flow and duals on every level plus the pyramid's temporaries.
 TORCH_PLANES_PER_PAIR = 48
 TRITON_PLANES_PER_PAIR = 64
-# Largest batch the Triton path is given at once: throughput is flat from ~256 pairs on an H200
-# (benchmarks/TVL1_NOTES.md), and each batch size keeps its own cached buffers and CUDA graphs.
-TRITON_MAX_BATCH = 512
+# Largest batch the Triton path is given at once: on an H200 throughput still grows a little up to
+# ~1024 pairs (benchmarks/TVL1_NOTES.md); each batch size keeps its own buffers and CUDA graphs.
+TRITON_MAX_BATCH = 1024
 
 
 def pair_bytes(height: int, width: int, planes: int = TORCH_PLANES_PER_PAIR) -> int:

@@ -2,23 +2,27 @@
 
 Same algorithm and the same float32 arithmetic as the PyTorch reference, which follows OpenCV's
 ``opencv_contrib/modules/optflow/src/tvl1flow.cpp`` (Zach, Pock and Bischof, DAGM 2007; Sanchez,
-Meinhardt-Llopis and Facciolo, IPOL 2013); FMA contraction is switched off and divisions are IEEE,
-so a pixel's arithmetic matches OpenCV's operation for operation.
+Meinhardt-Llopis and Facciolo, IPOL 2013): FMA contraction is switched off, divisions and square
+roots are IEEE, OpenCV's double-precision ``hypot`` is reproduced exactly in float32, so on an H200
+the flow is bit-identical to ``cv2.optflow`` (benchmarks/TVL1_NOTES.md has the figures).
 
-Why it is fast (benchmarks/TVL1_NOTES.md has the figures):
+Why it is fast:
 
-* one kernel launch is one whole inner iteration (thresholding, divergence, primal update, its
-  squared change, forward gradient, dual update) for every active pair of the batch; each pixel
-  recomputes its right and lower neighbours' primal update instead of a second pass, so the flow
-  and dual variables make one round trip through memory per iteration;
+* one launch is one whole inner iteration (thresholding, divergence, primal update, its squared
+  change, forward gradient, dual update) for every running pair of the batch. A work item is a band
+  of full-width rows that one program sweeps top to bottom, a thread per column: the primal update
+  of the row below, which the forward gradient needs, is the next row's own, so each pixel's inputs
+  are read once and its primal update is computed once; the right neighbour's comes from the other
+  threads through ``tl.gather``;
 * on real frames OpenCV's stopping rule (summed squared update <= epsilon^2 * H*W) ends most warps
   after a few dozen of the 300 allowed iterations. Each launch therefore compacts the batch: every
-  program reads the per-pair flags and errors left by the previous launch and walks only the tiles
-  of pairs still running, so a converged pair costs nothing while the rest of its batch goes on;
-* per-pair state lives in small slot arrays (active flag, error, buffer parity) indexed by launch,
-  so launches need no host round trip, and one outer iteration (median + 30 inner iterations) is a
-  CUDA graph replayed until every pair has stopped;
-* the 5x5 median, the bicubic warp and the data-term constants are their own fused kernels.
+  program reads the per-pair flags and errors the previous launch left and walks only the bands of
+  pairs still running, so a converged pair costs nothing while the rest of its batch goes on;
+* per-pair state lives in small slot arrays (running flag, error, buffer parities) indexed by
+  launch, so launches need no host round trip, and one outer iteration (median + 30 inner
+  iterations) is a CUDA graph replayed until every pair has stopped;
+* the 5x5 median and the warp (bicubic remap of I1 and its gradient, data-term constants) are
+  their own fused kernels.
 """
 from __future__ import annotations
 
@@ -145,116 +149,6 @@ def _pair_of_item(prefix, tag, k):
 
 
 @triton.jit
-def _iterate_tile(U, P, C, B, H, W, n, bb, qu, qp, ys, xs, l_t, theta, taut):
-    """One inner iteration on a TH x TW tile of one pair; returns its squared change of u."""
-    inside = (ys < H) & (xs < W)
-    has_r = inside & (xs + 1 < W)
-    has_d = inside & (ys + 1 < H)
-    has_l = inside & (xs >= 1)
-    has_u = inside & (ys >= 1)
-    off = ys * W + xs
-    xz = xs == 0
-    yz = ys == 0
-    never = xs < 0
-
-    u1p = U + ((qu * 2) * B + bb) * n
-    u2p = U + ((qu * 2 + 1) * B + bb) * n
-    ixp = C + bb * n
-    iyp = C + (B + bb) * n
-    rcp = C + (2 * B + bb) * n
-    p11p = P + ((qp * 4) * B + bb) * n
-    p12p = P + ((qp * 4 + 1) * B + bb) * n
-    p21p = P + ((qp * 4 + 2) * B + bb) * n
-    p22p = P + ((qp * 4 + 3) * B + bb) * n
-
-    u1 = tl.load(u1p + off, mask=inside, other=0.0)
-    u2 = tl.load(u2p + off, mask=inside, other=0.0)
-    p11 = tl.load(p11p + off, mask=inside, other=0.0)
-    p12 = tl.load(p12p + off, mask=inside, other=0.0)
-    p21 = tl.load(p21p + off, mask=inside, other=0.0)
-    p22 = tl.load(p22p + off, mask=inside, other=0.0)
-
-    # primal update at the pixel itself
-    d1 = _divergence(p11, tl.load(p11p + off - 1, mask=has_l, other=0.0),
-                     p12, tl.load(p12p + off - W, mask=has_u, other=0.0), xz, yz)
-    d2 = _divergence(p21, tl.load(p21p + off - 1, mask=has_l, other=0.0),
-                     p22, tl.load(p22p + off - W, mask=has_u, other=0.0), xz, yz)
-    n1, n2 = _primal(tl.load(ixp + off, mask=inside, other=0.0), tl.load(iyp + off, mask=inside, other=0.0),
-                     tl.load(rcp + off, mask=inside, other=0.0), u1, u2, d1, d2, l_t, theta)
-    # ... at its right neighbour (x+1 >= 1, so never the first column) ...
-    o = off + 1
-    has_ur = has_r & (ys >= 1)
-    d1 = _divergence(tl.load(p11p + o, mask=has_r, other=0.0), p11,
-                     tl.load(p12p + o, mask=has_r, other=0.0), tl.load(p12p + o - W, mask=has_ur, other=0.0),
-                     never, yz)
-    d2 = _divergence(tl.load(p21p + o, mask=has_r, other=0.0), p21,
-                     tl.load(p22p + o, mask=has_r, other=0.0), tl.load(p22p + o - W, mask=has_ur, other=0.0),
-                     never, yz)
-    r1, r2 = _primal(tl.load(ixp + o, mask=has_r, other=0.0), tl.load(iyp + o, mask=has_r, other=0.0),
-                     tl.load(rcp + o, mask=has_r, other=0.0), tl.load(u1p + o, mask=has_r, other=0.0),
-                     tl.load(u2p + o, mask=has_r, other=0.0), d1, d2, l_t, theta)
-    # ... and below it (y+1 >= 1, so never the first row)
-    o = off + W
-    has_dl = has_d & (xs >= 1)
-    d1 = _divergence(tl.load(p11p + o, mask=has_d, other=0.0), tl.load(p11p + o - 1, mask=has_dl, other=0.0),
-                     tl.load(p12p + o, mask=has_d, other=0.0), p12, xz, never)
-    d2 = _divergence(tl.load(p21p + o, mask=has_d, other=0.0), tl.load(p21p + o - 1, mask=has_dl, other=0.0),
-                     tl.load(p22p + o, mask=has_d, other=0.0), p22, xz, never)
-    b1, b2 = _primal(tl.load(ixp + o, mask=has_d, other=0.0), tl.load(iyp + o, mask=has_d, other=0.0),
-                     tl.load(rcp + o, mask=has_d, other=0.0), tl.load(u1p + o, mask=has_d, other=0.0),
-                     tl.load(u2p + o, mask=has_d, other=0.0), d1, d2, l_t, theta)
-
-    # dual update with the forward gradient of the new u
-    last_x = xs + 1 >= W
-    last_y = ys + 1 >= H
-    u1x = tl.where(last_x, 0.0, r1 - n1)
-    u1y = tl.where(last_y, 0.0, b1 - n1)
-    u2x = tl.where(last_x, 0.0, r2 - n2)
-    u2y = tl.where(last_y, 0.0, b2 - n2)
-    ng1 = 1.0 + taut * _hypot(u1x, u1y)
-    ng2 = 1.0 + taut * _hypot(u2x, u2y)
-    ru = 1 - qu
-    rp = 1 - qp
-    tl.store(U + ((ru * 2) * B + bb) * n + off, n1, mask=inside)
-    tl.store(U + ((ru * 2 + 1) * B + bb) * n + off, n2, mask=inside)
-    tl.store(P + ((rp * 4) * B + bb) * n + off, tl.math.div_rn(p11 + taut * u1x, ng1), mask=inside)
-    tl.store(P + ((rp * 4 + 1) * B + bb) * n + off, tl.math.div_rn(p12 + taut * u1y, ng1), mask=inside)
-    tl.store(P + ((rp * 4 + 2) * B + bb) * n + off, tl.math.div_rn(p21 + taut * u2x, ng2), mask=inside)
-    tl.store(P + ((rp * 4 + 3) * B + bb) * n + off, tl.math.div_rn(p22 + taut * u2y, ng2), mask=inside)
-    e1 = n1 - u1
-    e2 = n2 - u2
-    return tl.where(inside, e1 * e1 + e2 * e2, 0.0)
-
-
-@triton.jit(do_not_specialize=["sp", "sc", "sn", "B", "H", "W", "ntx", "nitems"])
-def _iteration_kernel(U, P, C, ACT, CU, CP, ERR, sp, sc, sn, B, H, W, ntx, nitems,
-                      eps, l_t, theta, taut,
-                      BLOCK_B: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, S: tl.constexpr):
-    """u, p (buffer parity q) -> u, p (parity 1-q) for every running pair; squared change of u
-    summed per pair into ERR[sc]. Layout: U (2, 2, B, H, W), P (2, 4, B, H, W), C (3, B, H, W)
-    = (I1wx, I1wy, rho_c). A work item is S tiles of TH x TW stacked vertically: the pair lookup
-    and the error reduction are paid once per item."""
-    prefix, tag, n_run = _schedule(ACT, CU, CP, ERR, sp, sc, sn, B, eps, True, False, BLOCK_B)
-    n = H * W
-    ys0 = tl.arange(0, TH)[:, None]
-    xs0 = tl.arange(0, TW)[None, :]
-    for item in tl.range(tl.program_id(0), n_run * nitems, tl.num_programs(0)):
-        k = item // nitems
-        it = item - k * nitems
-        b, qu, qp = _pair_of_item(prefix, tag, k)
-        bb = b.to(tl.int64)
-        ity = it // ntx
-        xs = (it - ity * ntx) * TW + xs0
-        acc = tl.zeros([TH, TW], dtype=tl.float32)
-        for s in tl.static_range(S):
-            ys = (ity * S + s) * TH + ys0
-            acc += _iterate_tile(U, P, C, B, H, W, n, bb, qu, qp, ys, xs, l_t, theta, taut)
-        # summed in float32 over the item, in double across items (OpenCV: float, row by row)
-        err = tl.sum(tl.sum(acc, axis=1), axis=0)
-        tl.atomic_add(ERR + sc * B + b, err.to(tl.float64))
-
-
-@triton.jit
 def _rows_iterate(U, P, C, B, H, W, n, bb, qu, qp, band, l_t, theta, taut,
                   TW: tl.constexpr, R: tl.constexpr, LOAD_LEFT: tl.constexpr = False,
                   PACK_RIGHT: tl.constexpr = False):
@@ -362,8 +256,9 @@ def _rows_kernel(U, P, C, ACT, CU, CP, ERR, sp, sc, sn, B, H, W, nbands,
                  eps, l_t, theta, taut,
                  BLOCK_B: tl.constexpr, TW: tl.constexpr, R: tl.constexpr, LOAD_LEFT: tl.constexpr,
                  PACK_RIGHT: tl.constexpr):
-    """The same iteration as ``_iteration_kernel``, on bands of R full-width rows (see
-    ``_rows_iterate``)."""
+    """u, p (buffer parity q) -> u, p (parity 1-q) for every running pair, one band of R full-width
+    rows per work item (``_rows_iterate``); squared change of u summed per pair into ERR[sc].
+    Layout: U (2, 2, B, H, W), P (2, 4, B, H, W), C (3, B, H, W) = (I1wx, I1wy, rho_c)."""
     prefix, tag, n_run = _schedule(ACT, CU, CP, ERR, sp, sc, sn, B, eps, True, False, BLOCK_B)
     n = H * W
     for item in tl.range(tl.program_id(0), n_run * nbands, tl.num_programs(0)):
@@ -639,163 +534,22 @@ def _warp_kernel(U, P, C, I0, I1, I1X, I1Y, ACT, QU, QP, CU, CP, ERR, s_init, s_
 
 
 # ----------------------------------------------------------------------------------------------
-# Every pair at its own pace: one kernel that warps, filters or iterates, per pair
-
-
-ST_ITER = tl.constexpr(0)
-ST_MEDIAN = tl.constexpr(1)
-ST_REMAP = tl.constexpr(2)
-ST_DONE = tl.constexpr(3)
-ST_START = tl.constexpr(4)
-
-
-@triton.jit
-def _advance(prev, err, eps, n_warps, n_outer, n_inner, FIRST: tl.constexpr):
-    """What each pair runs now, from what it ran in the previous launch and that launch's error:
-    tvl1flow.cpp's loops (warps, then outer iterations starting with the median, then inner
-    iterations while the error stays above eps) unrolled into a per-pair state machine.
-    State word: stage (bits 0-2), warp (3-7), outer iteration (8-15), inner iteration (16-30).
-    FIRST is the first stage of an outer iteration (ST_MEDIAN, or ST_ITER without a median)."""
-    st = prev & 7
-    w = (prev >> 3) & 31
-    o = (prev >> 8) & 255
-    i = (prev >> 16) & 32767
-    end_inner = i + 1 >= n_inner
-    warp_done = (err <= eps) | (end_inner & (o + 1 >= n_outer))
-    it_st = tl.where(warp_done, tl.where(w + 1 < n_warps, ST_REMAP, ST_DONE),
-                     tl.where(end_inner, FIRST, ST_ITER))
-    it_w = tl.where(warp_done, w + 1, w)
-    it_o = tl.where(warp_done, 0, tl.where(end_inner, o + 1, o))
-    it_i = tl.where(warp_done | end_inner, 0, i + 1)
-    is_it = st == ST_ITER
-    new_st = tl.where(is_it, it_st, tl.where(st == ST_MEDIAN, ST_ITER, tl.where(
-        st == ST_REMAP, FIRST, tl.where(st == ST_START, ST_REMAP, ST_DONE))))
-    new_w = tl.where(is_it, it_w, tl.where(st == ST_START, 0, w))
-    new_o = tl.where(is_it, it_o, tl.where(st == ST_MEDIAN, o, 0))
-    new_i = tl.where(is_it, it_i, 0)
-    return new_st | (new_w << 3) | (new_o << 8) | (new_i << 16)
-
-
-@triton.jit
-def _step_schedule(ST, CU, CP, ERR, sp, sc, sn, B, eps, n_warps, n_outer, n_inner,
-                   FIRST: tl.constexpr, BLOCK_B: tl.constexpr):
-    """Like ``_schedule``, for the per-pair state machine: tags carry the stage (bits 18-20)."""
-    offs = tl.arange(0, BLOCK_B)
-    m = offs < B
-    prev = tl.load(ST + sp * B + offs, mask=m, other=3)
-    err = tl.load(ERR + sp * B + offs, mask=m, other=0.0)
-    cu = tl.load(CU + sp * B + offs, mask=m, other=0)
-    cp = tl.load(CP + sp * B + offs, mask=m, other=0)
-    state = _advance(prev, err, eps, n_warps, n_outer, n_inner, FIRST)
-    stage = state & 7
-    run = (m & (stage != ST_DONE)).to(tl.int32)
-    if tl.program_id(0) == 0:
-        tl.store(ST + sc * B + offs, state, mask=m)
-        tl.store(CU + sc * B + offs, cu + (stage <= ST_MEDIAN).to(tl.int32), mask=m)
-        tl.store(CP + sc * B + offs, cp + (stage == ST_ITER).to(tl.int32), mask=m)
-        tl.store(ERR + sn * B + offs, tl.zeros([BLOCK_B], dtype=tl.float64), mask=m)
-    prefix = tl.cumsum(run, axis=0)
-    tag = tl.where(run != 0, ((cu & 1) << 16) | ((cp & 1) << 17) | (stage << 18), 0)
-    return prefix, tag, tl.sum(run, axis=0)
-
-
-@triton.jit
-def _rows_median(U, B, H, W, n, bb, qu, band, TW: tl.constexpr, R: tl.constexpr):
-    """5x5 median of both flow components on a band of rows: parity qu -> 1 - qu."""
-    xs = tl.arange(0, TW)
-    inx = xs < W
-    y = band * R
-    for r in range(R):
-        ok = inx & (y < H)
-        for c in tl.static_range(2):
-            med = _median5x5(U + ((qu * 2 + c) * B + bb) * n, y, xs, H, W, ok)
-            tl.store(U + (((1 - qu) * 2 + c) * B + bb) * n + y * W + xs, med, mask=ok)
-        y += 1
-
-
-@triton.jit
-def _rows_remap(U, C, I0, I1, I1X, I1Y, B, H, W, n, bb, qu, band, TW: tl.constexpr, R: tl.constexpr):
-    """Start of a warping on a band of rows: warp I1 and its gradient by u (parity qu) and store
-    the data-term constants (I1wx, I1wy, rho_c)."""
-    xs = tl.arange(0, TW)
-    inx = xs < W
-    y = band * R
-    for r in range(R):
-        ok = inx & (y < H)
-        off = y * W + xs
-        u1 = tl.load(U + ((qu * 2) * B + bb) * n + off, mask=ok, other=0.0)
-        u2 = tl.load(U + ((qu * 2 + 1) * B + bb) * n + off, mask=ok, other=0.0)
-        mx = xs.to(tl.float32) + u1
-        my = y.to(tl.float32) + u2
-        fx = tl.floor(mx)
-        fy = tl.floor(my)
-        wx0, wx1, wx2, wx3 = _keys(mx - fx)
-        wy0, wy1, wy2, wy3 = _keys(my - fy)
-        ix = fx.to(tl.int32) - 1
-        iy = fy.to(tl.int32) - 1
-        i1w = _bicubic(I1 + bb * n, iy, ix, wx0, wx1, wx2, wx3, wy0, wy1, wy2, wy3, H, W, ok)
-        i1wx = _bicubic(I1X + bb * n, iy, ix, wx0, wx1, wx2, wx3, wy0, wy1, wy2, wy3, H, W, ok)
-        i1wy = _bicubic(I1Y + bb * n, iy, ix, wx0, wx1, wx2, wx3, wy0, wy1, wy2, wy3, H, W, ok)
-        i0 = tl.load(I0 + bb * n + off, mask=ok, other=0.0)
-        tl.store(C + bb * n + off, i1wx, mask=ok)
-        tl.store(C + (B + bb) * n + off, i1wy, mask=ok)
-        tl.store(C + (2 * B + bb) * n + off, i1w - i1wx * u1 - i1wy * u2 - i0, mask=ok)
-        y += 1
-
-
-@triton.jit(do_not_specialize=["sp", "sc", "sn", "B", "H", "W", "nbands", "n_warps", "n_outer", "n_inner"])
-def _step_kernel(U, P, C, I0, I1, I1X, I1Y, ST, CU, CP, ERR, sp, sc, sn, B, H, W, nbands,
-                 n_warps, n_outer, n_inner, eps, l_t, theta, taut,
-                 FIRST: tl.constexpr, BLOCK_B: tl.constexpr, TW: tl.constexpr, R: tl.constexpr):
-    """One step of every unfinished pair, each at its own stage: a pair whose warping converged
-    moves on to the next warping while slower pairs keep iterating, so no pair waits for the
-    slowest of its batch until the pyramid level ends."""
-    prefix, tag, n_run = _step_schedule(ST, CU, CP, ERR, sp, sc, sn, B, eps, n_warps, n_outer, n_inner,
-                                        FIRST, BLOCK_B)
-    n = H * W
-    for item in tl.range(tl.program_id(0), n_run * nbands, tl.num_programs(0)):
-        k = item // nbands
-        band = item - k * nbands
-        packed = tl.sum((prefix <= k).to(tl.int32) + tl.where(prefix == k + 1, tag, 0), axis=0)
-        b = packed & 0xFFFF
-        qu = (packed >> 16) & 1
-        qp = (packed >> 17) & 1
-        stage = (packed >> 18) & 7
-        bb = b.to(tl.int64)
-        if stage == ST_ITER:
-            err = _rows_iterate(U, P, C, B, H, W, n, bb, qu, qp, band, l_t, theta, taut, TW, R, True, True)
-            tl.atomic_add(ERR + sc * B + b, err)
-        elif stage == ST_MEDIAN:
-            _rows_median(U, B, H, W, n, bb, qu, band, TW, R)
-        else:
-            _rows_remap(U, C, I0, I1, I1X, I1Y, B, H, W, n, bb, qu, band, TW, R)
-
-
-# ----------------------------------------------------------------------------------------------
 # Host side
 
 
 @dataclass(frozen=True)
 class KernelConfig:
-    """Launch shapes. ``schedule`` "async" lets every pair advance through its warpings at its own
-    pace in one step kernel (the host looks every ``steps_per_check`` steps whether all pairs are
-    done); "lockstep" keeps the batch on one warping until its slowest pair has converged, with
-    separate warp, median and iteration kernels. ``kind`` picks lockstep's iteration kernel: "rows" sweeps bands of ``rows`` full-width
-    rows (one column per thread), "tiles" works on ``sub_tiles`` stacked TH x TW tiles per item
-    and recomputes the neighbours' primal updates. TH x TW is also the median's and the warp
-    kernel's tile. Then warps per program (for "rows" it follows from the padded width), programs
-    per SM in the persistent grid, software-pipelining stages, a register cap, and whether outer
-    iterations are CUDA graph replays."""
+    """Launch shapes: the iteration kernel's band height (``rows``) and its two neighbour
+    exchanges (left duals loaded from memory rather than gathered; right flow values gathered as
+    one packed pair or two), the median and warp kernels' TH x TW tile and warps, programs per SM
+    of the persistent grid, software-pipelining stages, a register cap (64 lets four 256-thread
+    programs share an SM), and whether outer iterations are CUDA graph replays."""
 
-    schedule: str = "lockstep"
-    steps_per_check: int = 32
-    kind: str = "rows"
     rows: int = 8
     load_left: bool = True
-    pack_right: bool = True
+    pack_right: bool = False
     th: int = 8
     tw: int = 32
-    sub_tiles: int = 4
     num_warps: int = 8
     programs_per_sm: int = 12
     num_stages: int = 3
@@ -843,9 +597,7 @@ class _Level:
         self.I1X = torch.zeros(b, h, w, **f32)
         self.I1Y = torch.zeros(b, h, w, **f32)
         self.ntx = triton.cdiv(w, cfg.tw)
-        nty = triton.cdiv(h, cfg.th)
-        self.ntiles = self.ntx * nty
-        self.nitems = self.ntx * triton.cdiv(nty, cfg.sub_tiles)
+        self.ntiles = self.ntx * triton.cdiv(h, cfg.th)
         self.tw_rows = max(32, triton.next_power_of_2(w))
         self.nbands = triton.cdiv(h, cfg.rows)
         self.graph = None
@@ -875,11 +627,6 @@ class TVL1Triton:
         self.CU = torch.zeros(self.NSLOTS, b, **i32)
         self.CP = torch.zeros(self.NSLOTS, b, **i32)
         self.ERR = torch.zeros(self.NSLOTS, b, dtype=torch.float64, device=self.device)
-        self.ST = torch.zeros(self.NSLOTS, b, **i32)
-        self.step_seq = _slot_cycle(max(3, cfg.steps_per_check))
-        if cfg.schedule == "async" and not (params.warps < 32 and params.outer_iterations < 256
-                                            and params.inner_iterations < 32768 and b < 65536):
-            raise ValueError("warps, outer and inner iterations or the batch exceed the state word")
         self.QPREV = torch.zeros(2, b, **i32)
         self.block_b = max(256, triton.next_power_of_2(b))  # one compiled variant up to 256 pairs
         if self.device.type == "cuda":
@@ -896,7 +643,7 @@ class TVL1Triton:
         self.l_t = ref._f32(p.lambda_ * p.theta)
         self.taut = ref._f32(p.tau / p.theta)
         self.theta = ref._f32(p.theta)
-        self.iterations_run = 0  # outer-iteration launches actually issued (for the benchmark)
+        self.iterations_run = 0  # outer iterations issued (graph replays or eager), for diagnostics
 
     # -- launches ------------------------------------------------------------------------------
 
@@ -914,18 +661,14 @@ class TVL1Triton:
                 _median_kernel[self.grid](
                     lv.U, self.ACT, self.CU, self.CP, self.ERR, sp, sc, sn, self.b, lv.h, lv.w,
                     lv.ntx, lv.ntiles, eps, BLOCK_B=self.block_b, TH=cfg.th, TW=cfg.tw, **self.launch_opts)
-            elif cfg.kind == "rows":
+            else:
+                # one thread per column of the padded row: the row width sets the warps
                 opts = dict(self.launch_opts, num_warps=max(1, min(16, lv.tw_rows // 32)))
                 _rows_kernel[self.grid](
                     lv.U, lv.P, lv.C, self.ACT, self.CU, self.CP, self.ERR, sp, sc, sn, self.b, lv.h, lv.w,
                     lv.nbands, eps, self.l_t, self.theta, self.taut,
                     BLOCK_B=self.block_b, TW=lv.tw_rows, R=cfg.rows, LOAD_LEFT=cfg.load_left,
                     PACK_RIGHT=cfg.pack_right, **opts)
-            else:
-                _iteration_kernel[self.grid](
-                    lv.U, lv.P, lv.C, self.ACT, self.CU, self.CP, self.ERR, sp, sc, sn, self.b, lv.h, lv.w,
-                    lv.ntx, lv.nitems, eps, self.l_t, self.theta, self.taut,
-                    BLOCK_B=self.block_b, TH=cfg.th, TW=cfg.tw, S=cfg.sub_tiles, **self.launch_opts)
 
     def _launch_warp(self, lv: _Level) -> None:
         last = self.seq[-1]
@@ -958,47 +701,7 @@ class TVL1Triton:
 
     # -- the solver ----------------------------------------------------------------------------
 
-    def _launch_steps(self, lv: _Level) -> None:
-        seq, n = self.step_seq, len(self.step_seq)
-        p = self.params
-        opts = dict(self.launch_opts, num_warps=max(1, min(16, lv.tw_rows // 32)))
-        for j in range(n):
-            _step_kernel[self.grid](
-                lv.U, lv.P, lv.C, lv.I0, lv.I1, lv.I1X, lv.I1Y, self.ST, self.CU, self.CP, self.ERR,
-                seq[j - 1], seq[j], seq[(j + 1) % n], self.b, lv.h, lv.w, lv.nbands,
-                p.warps, p.outer_iterations, p.inner_iterations, self._eps(lv), self.l_t, self.theta, self.taut,
-                FIRST=1 if self.median else 0, BLOCK_B=self.block_b, TW=lv.tw_rows, R=self.cfg.rows, **opts)
-
-    def _steps(self, lv: _Level) -> None:
-        self.iterations_run += 1
-        if not (self.cfg.cuda_graphs and self.device.type == "cuda"):
-            self._launch_steps(lv)
-            return
-        if lv.graph is None:
-            self._launch_steps(lv)
-            torch.cuda.synchronize(self.device)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                self._launch_steps(lv)
-            lv.graph = graph
-            return
-        lv.graph.replay()
-
-    def _solve_level_async(self, lv: _Level) -> torch.Tensor:
-        p = self.params
-        last = self.step_seq[-1]
-        self.ST[last].fill_(4)  # ST_START
-        max_steps = p.warps * (1 + p.outer_iterations * (1 + p.inner_iterations)) + 2
-        for _ in range(-(-max_steps // len(self.step_seq))):
-            self._steps(lv)
-            if bool(((self.ST[last] & 7) == 3).all()):
-                break
-        q = (self.CU[last] & 1).bool().view(self.b, 1, 1, 1)
-        return torch.where(q, lv.U[1].transpose(0, 1), lv.U[0].transpose(0, 1))  # (B, 2, H, W)
-
     def _solve_level(self, lv: _Level) -> torch.Tensor:
-        if self.cfg.schedule == "async":
-            return self._solve_level_async(lv)
         for _ in range(self.params.warps):
             self._launch_warp(lv)
             for _ in range(self.params.outer_iterations):
