@@ -54,7 +54,8 @@ def _batch(kind: str, n: int, classes: int, device, channels_last: bool, dim: in
     return batch
 
 
-def time_steps(kind: str, args, device: torch.device, amp: bool, channels_last: bool) -> dict:
+def time_steps(kind: str, args, device: torch.device, amp: bool, channels_last: bool,
+               compile_model: bool = False, profile: bool = False) -> dict:
     """clips/s and ms/step of `kind` ("ce", "cached", "online") in one configuration."""
     cfg = load_train_config("distill" if kind != "ce" else "rgb",
                             options={"arch": args.arch, "batch_size": args.batch})
@@ -67,7 +68,8 @@ def time_steps(kind: str, args, device: torch.device, amp: bool, channels_last: 
         tcfg = load_train_config("teacher", options={"arch": args.arch})
         prepare = online_teacher(build_model(tcfg, args.classes), amp=amp)
     loss = cross_entropy_loss if kind == "ce" else eq8_loss(cfg)
-    task = Task(FeaturesAndLogits(student), None, None, loss, "rgb", prepare)
+    net = FeaturesAndLogits(student)
+    task = Task(torch.compile(net) if compile_model else net, None, None, loss, "rgb", prepare)
     opt = torch.optim.SGD(student.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                           weight_decay=cfg.weight_decay)
     batch = _batch(kind, args.batch, args.classes, device, channels_last, student.num_features)
@@ -82,6 +84,14 @@ def time_steps(kind: str, args, device: torch.device, amp: bool, channels_last: 
         _sync(device)
         runs.append((time.perf_counter() - t) / args.steps)
     step = statistics.median(runs)
+    if profile:  # where a step's GPU time goes
+        from torch.profiler import ProfilerActivity, profile as torch_profile
+        with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(2):
+                train_step(task.model, task, dict(batch), opt, amp)
+            _sync(device)
+        print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=14,
+                                        max_name_column_width=70), flush=True)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -89,7 +99,8 @@ def time_steps(kind: str, args, device: torch.device, amp: bool, channels_last: 
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return {"kind": kind, "amp": "bf16" if amp else "fp32",
-            "format": "channels_last_3d" if channels_last else "ncdhw",
+            "format": ("channels_last_3d" if channels_last else "ncdhw")
+            + ("+compile" if compile_model else ""),
             "ms_per_step": round(1000 * step, 2), "clips_per_s": round(args.batch / step, 1),
             "peak_gib": round(peak, 2), "runs_ms": [round(1000 * r, 2) for r in runs]}
 
@@ -104,6 +115,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--compile", action="store_true",
+                    help="Also time torch.compile'd bf16 steps (both memory formats).")
+    ap.add_argument("--profile", action="store_true",
+                    help="Print the top GPU kernels of a bf16 step.")
     args = ap.parse_args()
     device = torch.device(args.device)
     set_deterministic(False, device)  # cudnn.benchmark on CUDA, as training runs
@@ -119,11 +134,20 @@ def main() -> None:
         for cl in (False, True):
             rows.append(time_steps("ce", args, device, amp, cl))
             print(json.dumps(rows[-1]), flush=True)
+    if device.type == "cuda" and args.compile:
+        for cl in (False, True):
+            rows.append(time_steps("ce", args, device, True, cl, compile_model=True))
+            print(json.dumps(rows[-1]), flush=True)
+    if device.type == "cuda" and args.profile:
+        time_steps("ce", args, device, True, False, profile=True)
     ce = {(r["amp"], r["format"]): r for r in rows}
     fp32 = ce[("fp32", "ncdhw")]
     best = max(rows, key=lambda r: r["clips_per_s"])
-    amp_best, cl_best = best["amp"] == "bf16", best["format"] == "channels_last_3d"
-    distill = [time_steps(k, args, device, amp_best, cl_best) for k in ("cached", "online")]
+    amp_best = best["amp"] == "bf16"
+    cl_best = best["format"].startswith("channels_last_3d")
+    compiled = best["format"].endswith("+compile")
+    distill = [time_steps(k, args, device, amp_best, cl_best, compile_model=compiled)
+               for k in ("cached", "online")]
     for r in distill:
         print(json.dumps(r), flush=True)
     summary = {

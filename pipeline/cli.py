@@ -302,14 +302,15 @@ def teacher_features(data: Path, teacher: str, stride: int, subset: str, batch_s
               help="Run the teacher on flow during training instead of reading the cache.")
 @click.option("--lambda1", type=float, help="Feature-distance weight [50].")
 @click.option("--lambda2", type=float, help="KL weight [200].")
-@click.option("--stride", default=8, show_default=True, type=click.IntRange(1),
-              help="The cache's window stride (as given to teacher-features).")
+@click.option("--stride", default=None, type=click.IntRange(1),
+              help="Window stride of the grid: selects the cache made with it [default: the "
+                   "newest valid cache of the teacher; 8 with --online-teacher].")
 @clear_errors
-def distill(data: Path, config_file: Path | None, stride: int, **options):
+def distill(data: Path, config_file: Path | None, stride: int | None, **options):
     """IMRS: an RGB student distilled from cached flow-teacher features (seed 000, eq 8)."""
     from pipeline.config import FeatureConfig
-    _run_training("distill", data, config_file, feature_spec=FeatureConfig(stride=stride),
-                  **options)
+    spec = FeatureConfig(stride=stride) if stride else None
+    _run_training("distill", data, config_file, feature_spec=spec, **options)
 
 
 @cli.command("train-two-stream")

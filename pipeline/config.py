@@ -60,7 +60,7 @@ class TrainConfig:
     workers: int = 4
     device: str = "auto"             # auto | cpu | cuda | cuda:N
     amp: str = "auto"                # auto (bf16 on CUDA) | bf16 | off
-    channels_last: str = "auto"      # auto (on CUDA) | on | off: channels_last_3d memory format
+    channels_last: str = "auto"      # auto (CUDA fp32) | on | off: channels_last_3d, ResNeXt
     checkpoint_every: int = 200      # steps between mid-epoch checkpoints
     steps_per_epoch: int = 0         # 0: one clip per training video per epoch
     val_batch_size: int = 0          # 0: same as batch_size

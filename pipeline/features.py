@@ -114,7 +114,8 @@ def _grid_json(spec: FeatureConfig, teacher: TrainConfig) -> str:
 
 
 def current_key(data: Path, teacher_run: str, spec: FeatureConfig,
-                videos: Sequence[ShardVideo] | None = None) -> tuple[CacheKey, TrainConfig]:
+                videos: Sequence[ShardVideo] | None = None,
+                teacher_sha: str | None = None) -> tuple[CacheKey, TrainConfig]:
     """The key the teacher, shards and view grid give now (and the teacher's config)."""
     from .train import RunPaths, file_sha256, run_config
     layout = DataLayout(data)
@@ -131,7 +132,7 @@ def current_key(data: Path, teacher_run: str, spec: FeatureConfig,
     h = hashlib.sha256()
     for v in videos:
         h.update(f"{v.video_id}\0{sums[v.video_id]}\n".encode())
-    return CacheKey(teacher_run, file_sha256(paths.model), h.hexdigest(),
+    return CacheKey(teacher_run, teacher_sha or file_sha256(paths.model), h.hexdigest(),
                     _grid_json(spec, teacher), teacher.split, spec.subset), teacher
 
 
@@ -372,24 +373,53 @@ def _merge(final: Path, parts: Path, videos: Sequence[ShardVideo], key: CacheKey
 
 # ----------------------------------------------------------------------------- reading
 
-def find_cache(data: Path, teacher_run: str, spec: FeatureConfig) -> Path:
-    """The cache for the current teacher, shards and grid, or StaleCache saying what changed."""
-    layout = DataLayout(data)
-    key, _ = current_key(data, teacher_run, spec)
-    path = cache_path(layout, key)
-    if path.exists():
-        return path
-    others = []
+def spec_of(key: CacheKey) -> FeatureConfig:
+    """The grid a cache was made with (runtime fields at their defaults)."""
+    grid = json.loads(key.grid)
+    return FeatureConfig(stride=grid["stride"], crops=tuple(tuple(c) for c in grid["crops"]),
+                         flips=tuple(grid["flips"]), subset=key.subset, amp=grid["amp"])
+
+
+def _cache_keys(layout: DataLayout, teacher_run: str) -> list[tuple[Path, CacheKey]]:
+    found = []
     for p in sorted(layout.features_dir.glob("*.h5")) if layout.features_dir.exists() else []:
         try:
             with h5py.File(p, "r") as f:
-                other = CacheKey(**json.loads(f.attrs["key_json"]))
+                key = CacheKey(**json.loads(f.attrs["key_json"]))
         except (OSError, KeyError, TypeError, ValueError):
             continue
-        if other.teacher_run == teacher_run:
-            others.append((p, key.differences(other)))
-    if others:
-        detail = "; ".join(f"{p.name}: {', '.join(d)}" for p, d in others)
+        if key.teacher_run == teacher_run:
+            found.append((p, key))
+    return found
+
+
+def find_cache(data: Path, teacher_run: str, spec: FeatureConfig | None = None) -> Path:
+    """The cache of `teacher_run` valid for the current teacher and shards, or StaleCache.
+
+    With `spec`, the cache of exactly that grid; without, any valid one (the newest), whatever
+    its grid (stride, views, precision), which the distillation dataset then reads from it.
+    """
+    from .train import RunPaths, file_sha256
+    layout = DataLayout(data)
+    model = RunPaths(layout.run_dir(teacher_run)).model
+    sha = file_sha256(model) if model.exists() else None
+    found = _cache_keys(layout, teacher_run)
+    if spec is not None:
+        key, _ = current_key(data, teacher_run, spec, teacher_sha=sha)
+        if cache_path(layout, key).exists():
+            return cache_path(layout, key)
+        stale = [(p, key.differences(k)) for p, k in found]
+    else:
+        if sha is None:
+            current_key(data, teacher_run, FeatureConfig())  # raises: no such teacher run
+        valid, stale = [], []
+        for p, k in found:
+            now, _ = current_key(data, teacher_run, spec_of(k), teacher_sha=sha)
+            (valid if now == k else stale).append((p, now.differences(k)))
+        if valid:
+            return max(valid, key=lambda pk: pk[0].stat().st_mtime)[0]
+    if stale:
+        detail = "; ".join(f"{p.name}: {', '.join(d)}" for p, d in stale)
         raise StaleCache(f"the teacher-feature cache for {teacher_run} is stale ({detail}); "
                          f"run `pipeline teacher-features --data {data} --teacher "
                          f"{teacher_run}` again")
@@ -413,16 +443,22 @@ class DistillDataset(ClipDataset):
     teacher run during training}. Draws use torch's RNG (seeded per item by the training loop).
     """
 
-    def __init__(self, data, *, split: int, spec: FeatureConfig, clip_len: int, crop: int,
-                 cache: Path | None = None, online: bool = False, log=print):
+    def __init__(self, data, *, split: int, clip_len: int, crop: int,
+                 spec: FeatureConfig | None = None, cache: Path | None = None,
+                 online: bool = False, log=print):
+        if online:
+            spec = spec or FeatureConfig()
+        elif cache is None:
+            raise ValueError("DistillDataset needs a cache unless online=True")
+        else:  # the grid is the cache's own
+            with h5py.File(cache, "r") as f:
+                spec = spec_of(CacheKey(**json.loads(f.attrs["key_json"])))
         super().__init__(data, split=split, subset=spec.subset,
                          modalities=("rgb", "flow") if online else ("rgb",),
                          clip_len=clip_len, crop=crop, train=True)
         self.spec, self.views, self.online, self.cache = spec, views(spec), online, cache
         self._rows: dict[str, int] = {}
         if not online:
-            if cache is None:
-                raise ValueError("DistillDataset needs a cache unless online=True")
             with h5py.File(cache, "r") as f:
                 grid = json.loads(json.loads(f.attrs["key_json"])["grid"])
                 if (grid["clip_len"], grid["crop"]) != (clip_len, crop):

@@ -58,7 +58,8 @@ def test_every_cached_feature_is_the_teacher_on_that_views_flow_clip(taught):
     """Stored float16 (features) and float32 (logits): equal to a fresh teacher run."""
     cache = find_cache(taught, "teacher_split1", SPEC)
     teacher, _ = load_trained(RunPaths(taught / "runs" / "teacher_split1").dir)
-    ds = DistillDataset(taught, split=1, spec=SPEC, clip_len=CLIP_LEN, crop=CROP, cache=cache)
+    ds = DistillDataset(taught, split=1, clip_len=CLIP_LEN, crop=CROP, cache=cache)
+    assert ds.spec.stride == 2 and ds.views == views(SPEC)  # the grid read from the cache
     grid = views(SPEC)
     with h5py.File(cache, "r") as f:
         assert f["features"].dtype == np.float16 and f["logits"].dtype == np.float32
@@ -141,12 +142,15 @@ def test_stale_cache_is_refused_saying_what_changed(taught, tmp_path):
     with pytest.raises(FileNotFoundError, match="no teacher-feature cache for teacher_b"):
         find_cache(d, "teacher_b", SPEC)
     (d / "runs" / "teacher_b").rename(d / "runs" / "teacher_split1")
+    assert find_cache(d, "teacher_split1") == find_cache(d, "teacher_split1", SPEC)
     model_pt = RunPaths(d / "runs" / "teacher_split1").model
     saved = torch.load(model_pt, weights_only=False)
     saved["state_dict"]["fc.bias"] += 1.0                  # the teacher changed
     torch.save(saved, model_pt)
     with pytest.raises(StaleCache, match="teacher checkpoint changed"):
         find_cache(d, "teacher_split1", SPEC)
+    with pytest.raises(StaleCache, match="teacher checkpoint changed"):
+        find_cache(d, "teacher_split1")                     # any grid: none is valid now
     with pytest.raises(StaleCache, match="run `pipeline teacher-features"):
         train_run(d, tiny("distill"), feature_spec=SPEC, **QUIET)
 

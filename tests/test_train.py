@@ -97,8 +97,9 @@ def test_train_teacher_writes_config_log_checkpoint_and_model(data, tmp_path):
 @pytest.mark.parametrize("kind", ["rgb", "spatial", "temporal"])
 def test_other_kinds_train_on_their_modality(data, tmp_path, kind):
     d = copy_data(data, tmp_path / "data")
-    result = train_run(d, tiny_cfg(kind, epochs=1, batch_size=9 if kind == "rgb" else 3),
-                       progress=False, log=lambda s: None)
+    # channels_last "on": the 3D ResNeXt takes channels_last_3d, the 2D MAT-EffNet ignores it
+    result = train_run(d, tiny_cfg(kind, epochs=1, batch_size=9 if kind == "rgb" else 3,
+                                   channels_last="on"), progress=False, log=lambda s: None)
     assert result.history[0]["train_clips"] == 9
     model, cfg = load_trained(result.run_dir)
     x = (torch.zeros(2, 3, CLIP_LEN, CROP, CROP) if kind == "rgb" else
@@ -189,10 +190,10 @@ def test_cli_commands_chain_with_config_file_and_options(data, tmp_path):
     r = run(cli, ["teacher-features", "--data", str(d), "--stride", "2", "--workers", "0"])
     assert r.exit_code == 0 and "9/9 done" in r.output, r.output
     r = run(cli, ["distill", "--data", str(d), "--config", str(toml), "--epochs", "1",
-                  "--batch-size", "3"])
+                  "--batch-size", "3", "--stride", "3"])
     assert r.exit_code == 1 and "view grid or clip geometry changed" in r.output
     r = run(cli, ["distill", "--data", str(d), "--config", str(toml), "--epochs", "1",
-                  "--batch-size", "3", "--stride", "2"])
+                  "--batch-size", "3"])                     # the cache's own grid (stride 2)
     assert r.exit_code == 0, r.output
     r = run(cli, ["evaluate", "--data", str(d), "--workers", "0", "--device", "cpu"])
     assert r.exit_code == 0 and "| IMRS + flow teacher | distill_split1+teacher_split1 |" in r.output
