@@ -22,8 +22,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from preprocess.atomic import write_bytes_atomic, write_text_atomic
+from preprocess.atomic import TMP_PREFIX, write_bytes_atomic, write_text_atomic
 from preprocess.layout import DataLayout
+from preprocess.ledger import StageLock
 from .plots import Panel, charts_image, confusion_matrix_image, write_png
 from .train import RunPaths, file_sha256, read_log, run_config
 
@@ -122,6 +123,7 @@ def score_run(data: Path, run: str, *, split: int | None = None,
     cached = VideoScores.load(cache, fingerprint)
     if cached is not None:
         return cached
+    _clean_temps_here(paths.dir)  # a finished run's folder: only a killed score write's debris
     device = resolve_device(cfg.device, DistInfo())
     model, train_cfg = load_trained(paths.dir, device)
     dataset = build_eval_dataset(layout, train_cfg, split)
@@ -191,6 +193,11 @@ def evaluate(data: Path, *, runs: Sequence[str] | None = None,
              fusions: Sequence[str] | None = None, cfg: EvalConfig = EvalConfig(),
              log=print) -> list[ResultRow]:
     """Score runs and fusions ("a+b"), write the table and figures, return the rows."""
+    with StageLock(DataLayout(data).lock_path("evaluate"), "evaluate"):
+        return _evaluate(data, runs, fusions, cfg, log)
+
+
+def _evaluate(data: Path, runs, fusions, cfg: EvalConfig, log) -> list[ResultRow]:
     layout = DataLayout(data)
     runs = list(runs) if runs else find_runs(layout)
     order = {k: i for i, k in enumerate(DISPLAY)}
@@ -221,6 +228,14 @@ def evaluate(data: Path, *, runs: Sequence[str] | None = None,
     return rows
 
 
+def _clean_temps_here(folder: Path) -> None:
+    """Temporary files a killed report left in `folder` itself (runs' own folders are theirs)."""
+    if folder.is_dir():
+        for p in folder.iterdir():
+            if p.name.startswith(TMP_PREFIX) and p.is_file():
+                p.unlink(missing_ok=True)
+
+
 def _row(model: str, runs: tuple[str, ...], split: int, s: VideoScores) -> ResultRow:
     return ResultRow(model, runs, split, topk_accuracy(s, 1), topk_accuracy(s, 5), len(s.videos), s)
 
@@ -246,6 +261,8 @@ def results_csv(rows: Sequence[ResultRow]) -> str:
 
 def write_report(layout: DataLayout, rows: Sequence[ResultRow], classes: Sequence[str]) -> None:
     runs_dir = layout.runs_dir
+    _clean_temps_here(runs_dir)
+    _clean_temps_here(runs_dir / "confusion")
     write_text_atomic(runs_dir / "results.md", "# Results (video-level accuracy)\n\n"
                       + results_markdown(rows))
     write_text_atomic(runs_dir / "results.csv", results_csv(rows))

@@ -40,7 +40,8 @@ import torch.distributed as torch_dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from preprocess.atomic import tmp_sibling, write_text_atomic
+from preprocess.atomic import clean_stale_temps, tmp_sibling, write_text_atomic
+from preprocess.ledger import StageLock
 from .config import FAMILY, TrainConfig, config_diff, config_from_dict, dump_json
 
 SIGTERM_EXIT = 143  # 128 + SIGTERM, what a shell reports for a process ended by SIGTERM
@@ -410,17 +411,40 @@ def fit(task: Task, cfg: TrainConfig, run_dir: Path, *, progress: bool = True,
         cfg.device == "auto" and torch.cuda.is_available()) else "cpu")
     device = resolve_device(cfg.device, dist)
     set_deterministic(cfg.deterministic, device)
-    check_run_config(paths, cfg)
-    if paths.model.exists():
-        log(f"{cfg.name}: already trained ({paths.model}); delete it to train again")
-        return FitResult(paths.dir, read_log(paths.log))
-    if not paths.config.exists():
-        # a bad geometry (crop larger than the frames ...) fails here, before the run exists
-        SeededItems(task.train_set, cfg.seed)[(0, 0)]
-        if dist.main:
-            paths.dir.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(paths.config, dump_json(cfg))
+    with contextlib.ExitStack() as held:
+        # rank 0 holds DATA/runs/NAME/run.lock while it trains; taking it clears the
+        # temporary files a killed run left (a torn checkpoint write is checkpoint-sized)
+        locked = dist.main and paths.dir.exists()
+        if locked:
+            _lock_run(held, paths, cfg)
+        check_run_config(paths, cfg)
+        if paths.model.exists():
+            log(f"{cfg.name}: already trained ({paths.model}); delete it to train again")
+            return FitResult(paths.dir, read_log(paths.log))
+        if not paths.config.exists():
+            # a bad geometry (crop larger than the frames ...) fails here, before the run exists
+            SeededItems(task.train_set, cfg.seed)[(0, 0)]
+            if dist.main:
+                paths.dir.mkdir(parents=True, exist_ok=True)
+                if not locked:
+                    _lock_run(held, paths, cfg)
+                write_text_atomic(paths.config, dump_json(cfg))
+        return _train(task, cfg, paths, dist, device, progress, on_step, log)
 
+
+RUN_COMMANDS = {"teacher": "train-teacher", "rgb": "train-rgb", "distill": "distill",
+                "spatial": "train-two-stream", "temporal": "train-two-stream"}
+
+
+def _lock_run(held: contextlib.ExitStack, paths: RunPaths, cfg: TrainConfig) -> None:
+    held.enter_context(StageLock(paths.dir / "run.lock", f"{RUN_COMMANDS[cfg.kind]} --name "
+                                                          f"{cfg.name}"))
+    clean_stale_temps(paths.dir)
+
+
+def _train(task: Task, cfg: TrainConfig, paths: RunPaths, dist: DistInfo, device: torch.device,
+           progress: bool, on_step, log) -> FitResult:
+    """fit's body once the run folder is locked and its config recorded."""
     amp = _use_amp(cfg, device)
     channels_last = _use_channels_last(cfg, device, amp)
     model = task.model.to(device)

@@ -197,3 +197,18 @@ def test_cli_commands_chain_with_config_file_and_options(data, tmp_path):
     assert r.exit_code == 0, r.output
     r = run(cli, ["evaluate", "--data", str(d), "--workers", "0", "--device", "cpu"])
     assert r.exit_code == 0 and "| IMRS + flow teacher | distill_split1+teacher_split1 |" in r.output
+
+
+def test_a_run_folder_is_locked_and_cleared_of_a_killed_write(data, tmp_path):
+    from preprocess.ledger import StageLock, StageLocked
+    d = copy_data(data, tmp_path / "data")
+    run = d / "runs" / "teacher_split1"
+    run.mkdir(parents=True)
+    debris = run / ".tmp-checkpoint.pt.4242.deadbeef"
+    debris.write_bytes(b"half a checkpoint")
+    with StageLock(run / "run.lock", "someone else"):
+        with pytest.raises(StageLocked, match="train-teacher --name teacher_split1"):
+            train_run(d, tiny_cfg(epochs=1), progress=False, log=lambda s: None)
+    train_run(d, tiny_cfg(epochs=1), progress=False, log=lambda s: None)
+    assert not debris.exists() and (run / "model.pt").exists()
+    assert not [p for p in run.iterdir() if p.name.startswith(".tmp-")]
