@@ -16,6 +16,15 @@ step the training loop runs (SGD with momentum and weight decay, cross-entropy o
 
 Prints a table and writes JSON (--out). Timings: `--warmup` untimed steps (cuDNN autotuning),
 then `--steps` timed steps between device synchronisations; the median of `--repeats` runs.
+
+Measured on one H200 (torch 2.11, cuDNN autotuned, 2026-11-21), clips/s at batch 32:
+strict fp32 210; fp32 with TF32 convolutions (PyTorch's default) 545, channels_last_3d 659;
+bf16 autocast 571, channels_last_3d 554; bf16 + torch.compile 769 (ncdhw), 729 (cl3d). So bf16
+is 2.7x strict fp32 (3.7x compiled) but only 1.05x (1.42x compiled) the default TF32 path: the
+step is not bound by matrix throughput (~16 TFLOP/s achieved) but by BatchNorm (~25% of GPU
+time) and cuDNN's direct kernel for the three strided grouped 3x3x3 convolutions (~20%).
+Distillation step: cached features 1.27x faster than --online-teacher in fp32/cl3d eager,
+1.61x in bf16 compiled (the teacher's forward is a larger share of a faster step).
 """
 from __future__ import annotations
 
