@@ -22,7 +22,7 @@ strict fp32 210; fp32 with TF32 convolutions (PyTorch's default) 545, channels_l
 bf16 autocast 571, channels_last_3d 554; bf16 + torch.compile 769 (ncdhw), 729 (cl3d). So bf16
 is 2.7x strict fp32 (3.7x compiled) but only 1.05x (1.42x compiled) the default TF32 path: the
 step is not bound by matrix throughput (~16 TFLOP/s achieved) but by BatchNorm (~25% of GPU
-time) and cuDNN's direct kernel for the three strided grouped 3x3x3 convolutions (~20%).
+time) and a slow cuDNN direct kernel chosen for three grouped convolutions a step (~20%).
 Distillation step: cached features 1.27x faster than --online-teacher in fp32/cl3d eager,
 1.61x in bf16 compiled (the teacher's forward is a larger share of a faster step).
 """
