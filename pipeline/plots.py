@@ -82,7 +82,8 @@ def confusion_matrix_image(matrix: np.ndarray, classes: Sequence[str], title: st
     if title:
         _text(img, title, (10, 20), 0.5)
     # colour bar: rate 0..1
-    bar = cv2.applyColorMap(np.linspace(255, 0, size).astype(np.uint8)[:, None], cv2.COLORMAP_INFERNO)
+    bar = cv2.applyColorMap(np.linspace(255, 0, size).astype(np.uint8)[:, None],
+                            cv2.COLORMAP_INFERNO)
     x0 = left + size + 15
     img[top:top + size, x0:x0 + 12] = cv2.resize(bar[::-1], (12, size))
     _text(img, "1.0", (x0 + 15, top + 10), 0.35)

@@ -645,7 +645,8 @@ def build_model(cfg: TrainConfig, num_classes: int, *, flow_stack: int = 10) -> 
                    num_classes=num_classes, dropout=cfg.dropout)
 
 
-def load_trained(run_dir: Path, device: torch.device | str = "cpu") -> tuple[nn.Module, TrainConfig]:
+def load_trained(run_dir: Path,
+                 device: torch.device | str = "cpu") -> tuple[nn.Module, TrainConfig]:
     """A finished run's network (eval mode, frozen) and its resolved config."""
     paths = RunPaths(Path(run_dir))
     if not paths.model.exists():

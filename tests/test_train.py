@@ -196,7 +196,8 @@ def test_cli_commands_chain_with_config_file_and_options(data, tmp_path):
                   "--batch-size", "3"])                     # the cache's own grid (stride 2)
     assert r.exit_code == 0, r.output
     r = run(cli, ["evaluate", "--data", str(d), "--workers", "0", "--device", "cpu"])
-    assert r.exit_code == 0 and "| IMRS + flow teacher | distill_split1+teacher_split1 |" in r.output
+    assert r.exit_code == 0, r.output
+    assert "| IMRS + flow teacher | distill_split1+teacher_split1 |" in r.output
 
 
 def test_a_run_folder_is_locked_and_cleared_of_a_killed_write(data, tmp_path):
