@@ -231,12 +231,6 @@ def test_training_killed_twice_resumes_to_the_same_weights(reference, trained, t
     assert [e for e in tmp_entries(data) if not e.startswith(f"runs/{TEACHER}/")] == []
 
 
-RUN_DEBRIS = ("train: a kill during an atomic write in DATA/runs/NAME (checkpoint.pt, log.jsonl, "
-              "config.json) leaves its .tmp- file there and no rerun removes it (a checkpoint "
-              "sized leak per kill); fix: clean_stale_temps(run folder) when a run starts")
-
-
-@pytest.mark.xfail(strict=True, reason=RUN_DEBRIS)
 def test_a_rerun_removes_a_killed_write(reference, trained, tmp_path):
     """What a kill -9 inside write_text_atomic(config.json) leaves, the run must clear."""
     data = copy_tree(reference.after, tmp_path / "DATA")
