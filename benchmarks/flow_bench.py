@@ -32,7 +32,7 @@ from preprocess.frames import extract_frames  # noqa: E402
 from preprocess.layout import DataLayout, frame_name  # noqa: E402
 from preprocess.ledger import Ledger  # noqa: E402
 
-VIDEOS = Path("/work/shared/data/videos")
+VIDEOS = Path(os.environ.get("SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")) / "videos"
 # Four short real clips of similar length (so that 2 jobs can balance): 31+23+29+29 pairs.
 CLIPS = ("mmaction2_rawvideo_part_0.mp4", "moviepy_big_buck_bunny_432_433.webm",
          "torchcodec_bt709_full_range.mp4", "torchcodec_h264_10bits.mp4")

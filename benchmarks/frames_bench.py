@@ -41,7 +41,7 @@ from preprocess.ledger import Ledger  # noqa: E402
 from preprocess.layout import DataLayout, frame_name  # noqa: E402
 from preprocess.video import VideoError, VideoReader  # noqa: E402
 
-REAL = Path("/work/shared/data/videos")
+REAL = Path(os.environ.get("SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")) / "videos"
 
 
 def collect_videos(root: Path, n_long: int, long_frames: int) -> list[Path]:

@@ -25,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-DATA = Path(os.environ.get("TVL1_DATA", "/work/shared/data"))
+DATA = Path(os.environ.get("TVL1_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 CLIPS = [
     "mmaction2_demo.mp4", "mmaction2_tests_test.avi", "mmaction2_tests_test.mp4",
     "mmaction2_rawvideo_part_0.mp4", "mmaction2_demo_spatiotemporal_det.mp4",

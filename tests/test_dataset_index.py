@@ -13,8 +13,9 @@ import pytest
 
 from preprocess.atomic import TMP_PREFIX
 from preprocess.dataset_index import DatasetIndex, MissingVideo, VideoEntry, build_index
+from shared_data import SHARED_DATA
 
-SPLITS = Path("/work/shared/data/splits")
+SPLITS = SHARED_DATA / "splits"
 HMDB = SPLITS / "hmdb51_splits"
 
 

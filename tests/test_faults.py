@@ -24,6 +24,7 @@ from faultlib import (REPO, avi_claiming_frames, copy_tree, index_ids, ledger_re
                       ledger_summary, load_ledger, moving_texture, pipeline_cmd, run_and_kill,
                       run_pipeline, tiny_dataset, tmp_entries, tree_diff, tree_digest,
                       truncated_copy, wait_group_gone, write_avi)
+from shared_data import SHARED_DATA
 from preprocess.layout import DataLayout, flow_names, frame_name
 
 SIZE = "32"
@@ -32,7 +33,7 @@ SHARD_SIZE = "40KB"   # a few videos per shard: several shards, some holding mor
 # Ledger fields that must agree between a resumed run and an uninterrupted one.
 LEDGER_KEYS = {"frames": ("frames",), "flow": ("frames", "flows"),
                "shards": ("shard", "row", "frames", "flows")}
-REAL = Path("/work/shared/data/videos")
+REAL = SHARED_DATA / "videos"
 
 
 def stage_args(stage: str, videos: Path, data: Path, *extra: str) -> list[str]:

@@ -21,6 +21,7 @@ from pipeline.cli import cli
 from preprocess.flow import compute_flow
 from preprocess.flow_backends import (BackendUnavailable, TVL1Config, opencv_cuda_available,
                                       pair_flow, resolve_backend)
+from shared_data import SHARED_DATA
 from preprocess.flow_pipeline import DevicePipeline, PipelineConfig, WorkerPool
 from preprocess.flow_quant import dequantize
 from preprocess.frames import extract_frames
@@ -29,7 +30,7 @@ from preprocess.ledger import DONE, Ledger, ParamsMismatch
 from preprocess.runner import stage_status
 
 REPO = Path(__file__).resolve().parents[1]
-MIDDLEBURY = Path("/work/shared/data/flow/middlebury")
+MIDDLEBURY = SHARED_DATA / "flow/middlebury"
 
 
 def translating(n: int, size: int, dx: int, dy: int, seed: int = 0) -> list[np.ndarray]:

@@ -21,9 +21,10 @@ from preprocess.dataset_index import DatasetIndex
 from preprocess.frames import FramesConfig, extract_frames, output_size, resize_frame
 from preprocess.layout import DataLayout, frame_name
 from preprocess.ledger import Ledger, ParamsMismatch
+from shared_data import SHARED_DATA
 
 REPO = Path(__file__).resolve().parents[1]
-REAL = Path("/work/shared/data/videos")
+REAL = SHARED_DATA / "videos"
 
 # "cv dec" of data/MANIFEST.md: frames OpenCV decodes from each real file; None = must fail.
 REAL_FRAMES = {

@@ -20,8 +20,9 @@ from preprocess.tvl1_torch import (
     tvl1_flow,
     tvl1_flow_numpy,
 )
+from shared_data import SHARED_DATA
 
-DATA = Path("/work/shared/data")
+DATA = SHARED_DATA
 VIDEOS = DATA / "videos"
 
 

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 from preprocess.video import VideoError, VideoReader, sniff_container
+from shared_data import SHARED_DATA
 
-REAL = Path("/work/shared/data/videos")
+REAL = SHARED_DATA / "videos"
 
 
 def colour(k: int) -> tuple[int, int, int]:
