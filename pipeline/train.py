@@ -40,7 +40,7 @@ import torch.distributed as torch_dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from preprocess.atomic import clean_stale_temps, tmp_sibling, write_text_atomic
+from preprocess.atomic import clean_stale_temps, open_atomic, write_text_atomic
 from preprocess.ledger import StageLock
 from .config import FAMILY, TrainConfig, config_diff, config_from_dict, dump_json
 
@@ -80,24 +80,9 @@ class RunPaths:
 
 
 def save_torch_atomic(obj, final: Path) -> None:
-    """torch.save to a temporary sibling, fsync, os.replace: a final name is a whole file."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_sibling(final)
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fd = os.open(final.parent, os.O_RDONLY)  # the rename itself survives a power loss
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    """torch.save under a temporary name, then renamed: a final name is a whole, synced file."""
+    with open_atomic(final) as f:
+        torch.save(obj, f)
 
 
 def file_sha256(path: Path) -> str:

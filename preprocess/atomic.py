@@ -35,13 +35,15 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_bytes_atomic(final: Path, data: bytes, *, fsync: bool = True) -> None:
+@contextmanager
+def open_atomic(final: Path, *, fsync: bool = True) -> Iterator:
+    """A binary file object whose content appears at `final` only when the block completes."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_sibling(final)
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            yield f
             if fsync:
                 f.flush()
                 os.fsync(f.fileno())
@@ -51,6 +53,11 @@ def write_bytes_atomic(final: Path, data: bytes, *, fsync: bool = True) -> None:
         raise
     if fsync:
         _fsync_dir(final.parent)
+
+
+def write_bytes_atomic(final: Path, data: bytes, *, fsync: bool = True) -> None:
+    with open_atomic(final, fsync=fsync) as f:
+        f.write(data)
 
 
 def write_text_atomic(final: Path, text: str) -> None:

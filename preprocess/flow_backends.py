@@ -2,7 +2,7 @@
 
 TV-L1 is Zach, Pock & Bischof (DAGM 2007), as OpenCV implements it (Sanchez, Meinhardt-Llopis &
 Facciolo, IPOL 2013); seed 000 section 4.2.1 uses OpenCV's default parameters, pinned in
-`TVL1Config`.
+`preprocess.tvl1_params.TVL1Params`.
 
 - `opencv`: `cv2.optflow.DualTVL1OpticalFlow` on the CPU: the reference. One instance per
   worker process (instances are not thread-safe), cached in a module-level variable; its
@@ -20,27 +20,13 @@ The resolved name and its parameters are recorded with the outputs (`backend_par
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import numpy as np
 
+from .tvl1_params import TVL1Params
+
 BACKENDS = ("auto", "opencv", "opencv-cuda", "torch")
-
-
-@dataclass(frozen=True)
-class TVL1Config:
-    """OpenCV's `DualTVL1OpticalFlow_create()` defaults (checked against the library in tests)."""
-    tau: float = 0.25
-    lambda_: float = 0.15
-    theta: float = 0.3
-    nscales: int = 5
-    warps: int = 5
-    epsilon: float = 0.01
-    inner_iterations: int = 30
-    outer_iterations: int = 10
-    scale_step: float = 0.8
-    gamma: float = 0.0
-    median_filtering: int = 5
 
 
 class BackendUnavailable(ValueError):
@@ -102,16 +88,15 @@ def resolve_backend(name: str) -> str:
 def backend_params(name: str) -> dict:
     """What shapes a backend's flow, as recorded in DATA/meta/flow.params.json."""
     if name == "opencv":
-        return {"backend": name, "algorithm": asdict(TVL1Config())}
+        return {"backend": name, "algorithm": TVL1Params().opencv()}
     if name == "opencv-cuda":
-        c = TVL1Config()
+        c = TVL1Params()
         return {"backend": name, "algorithm": {
             "tau": c.tau, "lambda_": c.lambda_, "theta": c.theta, "nscales": c.nscales,
             "warps": c.warps, "epsilon": c.epsilon,
             "iterations": c.inner_iterations * c.outer_iterations, "scale_step": c.scale_step,
             "gamma": c.gamma}}
     if name == "torch":
-        from preprocess.tvl1_torch import TVL1Params
         return {"backend": name, "algorithm": asdict(TVL1Params())}
     raise ValueError(f"backend_params needs a resolved backend, not {name!r}")
 
@@ -122,7 +107,7 @@ _INSTANCE: dict[str, object] = {}  # one TV-L1 object per process and backend (n
 def _opencv_instance():
     import cv2
     if "opencv" not in _INSTANCE:
-        c = TVL1Config()
+        c = TVL1Params()
         alg = cv2.optflow.DualTVL1OpticalFlow_create()
         alg.setTau(c.tau)
         alg.setLambda(c.lambda_)
@@ -143,7 +128,7 @@ def _opencv_instance():
 def _opencv_cuda_instance():
     import cv2
     if "opencv-cuda" not in _INSTANCE:
-        c = TVL1Config()
+        c = TVL1Params()
         _INSTANCE["opencv-cuda"] = cv2.cuda.OpticalFlowDual_TVL1_create(
             c.tau, c.lambda_, c.theta, c.nscales, c.warps, c.epsilon,
             c.inner_iterations * c.outer_iterations, c.scale_step, c.gamma, False)
@@ -159,7 +144,7 @@ def pair_flow(backend: str, prev: np.ndarray, nxt: np.ndarray) -> np.ndarray:
         alg = _opencv_instance()
         # calc() lowers the object's scale count for a small image and never restores it, so a
         # cached instance would compute later, larger videos with fewer scales: reset it.
-        alg.setScalesNumber(TVL1Config().nscales)
+        alg.setScalesNumber(TVL1Params().nscales)
         return alg.calc(prev, nxt, None)
     if backend == "opencv-cuda":
         import cv2

@@ -30,37 +30,16 @@ against this module.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .tvl1_params import TVL1Params  # noqa: F401  (re-exported: part of this module's API)
+
 FLT_EPSILON = float(np.finfo(np.float32).eps)
 MIN_LEVEL_SIZE = 16  # OpenCV drops pyramid levels with a side under 16 px
-
-
-@dataclass(frozen=True)
-class TVL1Params:
-    """OpenCV's ``DualTVL1OpticalFlow`` parameters, with its defaults.
-
-    ``remap_coord_bits`` is not an OpenCV parameter: it chooses how the warp samples, ``None`` for
-    exact float coordinates (OpenCV 5.x) or ``5`` for OpenCV 4.x's 1/32-pixel remap tables.
-    """
-
-    tau: float = 0.25
-    lambda_: float = 0.15
-    theta: float = 0.3
-    nscales: int = 5
-    warps: int = 5
-    epsilon: float = 0.01
-    inner_iterations: int = 30
-    outer_iterations: int = 10
-    scale_step: float = 0.8
-    gamma: float = 0.0
-    median_filtering: int = 5
-    remap_coord_bits: int | None = None
 
 
 def _f32(x: float) -> float:

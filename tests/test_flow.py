@@ -19,9 +19,10 @@ from click.testing import CliRunner
 
 from pipeline.cli import cli
 from preprocess.flow import compute_flow
-from preprocess.flow_backends import (BackendUnavailable, TVL1Config, opencv_cuda_available,
+from preprocess.flow_backends import (BackendUnavailable, opencv_cuda_available,
                                       pair_flow, resolve_backend)
 from shared_data import SHARED_DATA
+from preprocess.tvl1_params import TVL1Params
 from preprocess.flow_pipeline import DevicePipeline, PipelineConfig, WorkerPool
 from preprocess.flow_quant import dequantize
 from preprocess.frames import extract_frames
@@ -95,7 +96,7 @@ def interior_median(flow: np.ndarray, margin: int = 8) -> np.ndarray:
 
 def test_config_is_opencvs_default():
     alg = cv2.optflow.DualTVL1OpticalFlow_create()
-    c = TVL1Config()
+    c = TVL1Params()
     assert (alg.getTau(), alg.getLambda(), alg.getTheta(), alg.getScalesNumber(),
             alg.getWarpingsNumber(), alg.getEpsilon(), alg.getInnerIterations(),
             alg.getOuterIterations(), alg.getScaleStep(), alg.getGamma(),
