@@ -202,6 +202,9 @@ class DevicePipeline:
 
     # --- the device -----------------------------------------------------------------------------
     def _device_loop(self) -> None:
+        if self.device.type == "cuda":  # the current device is per thread: this one's GPU
+            import torch
+            torch.cuda.set_device(self.device)
         pending: list[_Chunk] = []
         stop = False
         while not (stop and not pending):

@@ -714,6 +714,12 @@ class TVL1Triton:
     @torch.no_grad()
     def __call__(self, prev: torch.Tensor, nxt: torch.Tensor) -> torch.Tensor:
         """(B, H, W) intensities 0..255 -> (B, 2, H, W) float32 flow, B as constructed."""
+        # Triton launches and graph capture use the calling thread's current device, which is
+        # cuda:0 in any thread that never chose one (the flow stage's per-GPU device threads).
+        with torch.cuda.device(self.device):
+            return self._run(prev, nxt)
+
+    def _run(self, prev: torch.Tensor, nxt: torch.Tensor) -> torch.Tensor:
         if prev.shape != (self.b, self.h, self.w) or nxt.shape != prev.shape:
             raise ValueError(f"expected ({self.b}, {self.h}, {self.w}) inputs, got {tuple(prev.shape)}")
         p = self.params
