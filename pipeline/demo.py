@@ -152,7 +152,10 @@ def run_demo(data: Path, videos: Path, *, jobs: int = 2, cfg: DemoConfig = DemoC
     acc = {r.runs: r.top1 for r in rows if len(r.runs) == 1}
     imrs, rgb = acc[(cfg.train_config("distill").name,)], acc[(cfg.train_config("rgb").name,)]
     chance = 100 / rows[0].scores.probs.shape[1]
-    log(f"IMRS (distilled) {'beats' if imrs > rgb else 'does not beat'} RGB-only: "
-        f"{100 * imrs:.1f}% vs {100 * rgb:.1f}% top-1 on {rows[0].videos} test videos "
-        f"(chance {chance:.1f}%)")
+    if 100 * max(imrs, rgb) <= chance:
+        verdict = "neither IMRS (distilled) nor RGB-only is above chance"
+    else:
+        verdict = f"IMRS (distilled) {'beats' if imrs > rgb else 'does not beat'} RGB-only"
+    log(f"{verdict}: {100 * imrs:.1f}% vs {100 * rgb:.1f}% top-1 on {rows[0].videos} test "
+        f"videos (chance {chance:.1f}%)")
     return rows
