@@ -211,11 +211,25 @@ def extract_frames(videos: Path, data: Path, *, dataset: str = "folders",
     params = frames_params(videos, dataset, config)
     _save_index(layout, index, params, force=force)
     missing = {m.video_id: f"{m.path}: {m.reason}" for m in index.missing}
-    return run_stage(STAGE, layout, [v.video_id for v in index.videos],
+    return run_stage(STAGE, layout, _largest_first(index),
                      _ExtractVideo(layout, config), params, jobs=jobs, force=force,
                      known_failures=missing,
                      published=lambda video_id: layout.frames_video_dir(video_id).is_dir(),
                      progress=progress, scheduler=scheduler)
+
+
+def _largest_first(index: DatasetIndex) -> list[str]:
+    """Video ids, largest file first: a long video started last would leave the other workers
+    idle while it finishes (longest-processing-time-first scheduling). Outputs don't depend on it.
+    """
+    root = Path(index.videos_root)
+
+    def size(path: str) -> int:
+        try:
+            return (root / path).stat().st_size
+        except OSError:
+            return 0
+    return [v.video_id for v in sorted(index.videos, key=lambda v: (-size(v.path), v.video_id))]
 
 
 def _save_index(layout: DataLayout, index: DatasetIndex, params: dict, *, force: bool) -> None:
