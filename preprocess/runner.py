@@ -12,7 +12,7 @@ import sys
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 from joblib import Parallel, delayed, parallel_config
 from tqdm import tqdm
@@ -162,31 +162,38 @@ def run_stage(stage: str, layout: DataLayout, items: Sequence[str],
                    file=sys.stderr, dynamic_ncols=True)
         try:
             if todo:
-                with ExitStack() as stack:
-                    if scheduler:
-                        stack.enter_context(dask_client(scheduler))
-                        stack.enter_context(parallel_config(backend="dask"))
-                        n_jobs = -1
+                parent = None if scheduler else os.getpid()  # cluster workers: no parent
+                results = run_parallel(_run_one, [(work, i, parent) for i in todo], jobs=jobs,
+                                       scheduler=scheduler)
+                for rec in results:
+                    if rec.status == FATAL:  # left pending; the temporary output is gone
+                        raise StorageFull(f"{stage}: {rec.reason} (under {out_dir}); "
+                                          f"{summary.done_now} videos finished before it. "
+                                          f"Free space and rerun.")
+                    ledger.append([rec])
+                    if rec.status == DONE:
+                        summary.done_now += 1
                     else:
-                        n_jobs = max(1, min(jobs, len(todo)))
-                    parent = None if scheduler else os.getpid()  # cluster workers: no
-                    results = Parallel(n_jobs=n_jobs, return_as="generator_unordered",
-                                       batch_size=1)(delayed(_run_one)(work, i, parent)
-                                                    for i in todo)
-                    for rec in results:
-                        if rec.status == FATAL:  # left pending; the temporary output is gone
-                            raise StorageFull(f"{stage}: {rec.reason} (under {out_dir}); "
-                                              f"{summary.done_now} videos finished before it. "
-                                              f"Free space and rerun.")
-                        ledger.append([rec])
-                        if rec.status == DONE:
-                            summary.done_now += 1
-                        else:
-                            summary.failed[rec.item] = rec.reason
-                        bar.update(1)
+                        summary.failed[rec.item] = rec.reason
+                    bar.update(1)
         finally:
             bar.close()
         return summary
+
+
+def run_parallel(fn: Callable, calls: Sequence[tuple], *, jobs: int = 1,
+                 scheduler: str | None = None) -> Iterator:
+    """Yield `fn(*args)` for each args in `calls`, in completion order: on `jobs` local joblib
+    workers, or as tasks on the dask.distributed scheduler at `scheduler`."""
+    with ExitStack() as stack:
+        if scheduler:
+            stack.enter_context(dask_client(scheduler))
+            stack.enter_context(parallel_config(backend="dask"))
+            n_jobs = -1
+        else:
+            n_jobs = max(1, min(jobs, len(calls)))
+        yield from Parallel(n_jobs=n_jobs, return_as="generator_unordered", batch_size=1)(
+            delayed(fn)(*args) for args in calls)
 
 
 def dask_client(address: str):

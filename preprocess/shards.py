@@ -88,7 +88,6 @@ import re
 import struct
 import sys
 import zlib
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -100,8 +99,8 @@ from .atomic import _fsync_dir, clean_stale_temps, remove_published, tmp_sibling
 from .dataset_index import DatasetIndex
 from .layout import SHARD_PATTERN, DataLayout, flow_names, frame_name
 from .ledger import DONE, FAILED, Ledger, Record, StageLock, check_params, read_params
-from .runner import (FATAL, STORAGE_ERRNOS, StageSummary, StorageFull, dask_client,
-                     ensure_writable)
+from .runner import (FATAL, STORAGE_ERRNOS, StageSummary, StorageFull, ensure_writable,
+                     run_parallel)
 
 STAGE = "shards"
 FORMAT = "twostream-shards"
@@ -555,7 +554,6 @@ def build_shards(data: Path, *, shard_bytes: int = DEFAULT_SHARD_BYTES, jobs: in
     One shard per worker (joblib, or tasks on a dask.distributed `scheduler`); the parent alone
     writes the ledger, per video, as each shard is published. See the module docstring.
     """
-    from joblib import Parallel, delayed, parallel_config
     from tqdm import tqdm
 
     layout = DataLayout(data)
@@ -598,26 +596,20 @@ def build_shards(data: Path, *, shard_bytes: int = DEFAULT_SHARD_BYTES, jobs: in
                    disable=not progress, file=sys.stderr, dynamic_ncols=True)
         try:
             if todo:
-                with ExitStack() as stack:
-                    if scheduler:
-                        stack.enter_context(dask_client(scheduler))
-                        stack.enter_context(parallel_config(backend="dask"))
-                    n_jobs = -1 if scheduler else max(1, min(jobs, len(todo)))
-                    results = Parallel(n_jobs=n_jobs, return_as="generator_unordered",
-                                       batch_size=1)(
-                        delayed(build_one_shard)(p, str(layout.shards_dir / p.name))
-                        for p in todo)
-                    for recs in results:
-                        if recs and recs[0].status == FATAL:  # its videos stay pending
-                            raise StorageFull(f"{STAGE}: {recs[0].reason}; {summary.done_now} "
-                                              f"videos packed before it. Free space and rerun.")
-                        ledger.append(recs)
-                        for r in recs:
-                            if r.status == DONE:
-                                summary.done_now += 1
-                            else:
-                                summary.failed[r.item] = r.reason
-                        bar.update(len(recs))
+                results = run_parallel(build_one_shard,
+                                       [(p, str(layout.shards_dir / p.name)) for p in todo],
+                                       jobs=jobs, scheduler=scheduler)
+                for recs in results:
+                    if recs and recs[0].status == FATAL:  # its videos stay pending
+                        raise StorageFull(f"{STAGE}: {recs[0].reason}; {summary.done_now} "
+                                          f"videos packed before it. Free space and rerun.")
+                    ledger.append(recs)
+                    for r in recs:
+                        if r.status == DONE:
+                            summary.done_now += 1
+                        else:
+                            summary.failed[r.item] = r.reason
+                    bar.update(len(recs))
         finally:
             bar.close()
         return summary
