@@ -147,7 +147,7 @@ def run_stage(stage: str, layout: DataLayout, items: Sequence[str],
         records = ledger.load()
         summary = StageSummary(stage, total=len(items) + len(known_failures or {}))
         upfront = [Record(i, FAILED, r) for i, r in (known_failures or {}).items()]
-        ledger.append(upfront)
+        ledger.append([r for r in upfront if records.get(r.item) != r])  # only what changed
         summary.failed.update({r.item: r.reason for r in upfront})
 
         todo = []

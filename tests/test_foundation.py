@@ -108,6 +108,11 @@ def test_run_stage_records_failures_and_redoes_only_unfinished(tmp_path):
     st = stage_status(lay, "frames", items)
     assert st["done"] == 2 and st["pending"] == 0 and set(st["failed"]) == {"bad/x", "c/missing"}
     mtime = (lay.frames_dir / "c/a/x.txt").stat().st_mtime_ns
+    lines = len(lay.ledger_path("frames").read_text().splitlines())
+    run_stage("frames", lay, items, work, {"v": 1}, progress=False,
+              known_failures={"c/missing": "listed but not on disk"})
+    # a rerun appends only the retried item, not the unchanged known failure again
+    assert len(lay.ledger_path("frames").read_text().splitlines()) == lines + 1
     s2 = run_stage("frames", lay, items + ["c/new"], work, {"v": 1}, jobs=1, progress=False)
     assert (s2.done_now, s2.already_done) == (1, 2) and set(s2.failed) == {"bad/x"}
     assert (lay.frames_dir / "c/a/x.txt").stat().st_mtime_ns == mtime  # never rewritten
