@@ -40,8 +40,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.config import load_train_config  # noqa: E402
-from pipeline.train import (FeaturesAndLogits, Task, build_model, cross_entropy_loss,  # noqa: E402
-                            eq8_loss, online_teacher, set_deterministic, train_step)
+from pipeline.precision import apply_precision  # noqa: E402
+from pipeline.train import (FeaturesAndLogits, Task, _use_channels_last, build_model,  # noqa: E402
+                            cross_entropy_loss, eq8_loss, online_teacher, set_deterministic,
+                            train_step)
 
 
 def _sync(device: torch.device) -> None:
@@ -63,11 +65,15 @@ def _batch(kind: str, n: int, classes: int, device, channels_last: bool, dim: in
     return batch
 
 
-def time_steps(kind: str, args, device: torch.device, amp: bool, channels_last: bool,
+def time_steps(kind: str, args, device: torch.device, amp: str, channels_last: bool,
                compile_model: bool = False, profile: bool = False) -> dict:
-    """clips/s and ms/step of `kind` ("ce", "cached", "online") in one configuration."""
+    """clips/s and ms/step of `kind` ("ce", "cached", "online") in one configuration.
+
+    `amp` is TrainConfig.amp: "off" (strict fp32), "tf32" or "bf16" (pipeline/precision.py).
+    """
     cfg = load_train_config("distill" if kind != "ce" else "rgb",
-                            options={"arch": args.arch, "batch_size": args.batch})
+                            options={"arch": args.arch, "batch_size": args.batch, "amp": amp})
+    bf16 = apply_precision(amp, device)
     torch.manual_seed(0)
     student = build_model(cfg, args.classes).to(device)
     fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
@@ -83,13 +89,13 @@ def time_steps(kind: str, args, device: torch.device, amp: bool, channels_last: 
                           weight_decay=cfg.weight_decay)
     batch = _batch(kind, args.batch, args.classes, device, channels_last, student.num_features)
     for _ in range(args.warmup):
-        train_step(task.model, task, dict(batch), opt, amp)
+        train_step(task.model, task, dict(batch), opt, bf16)
     runs = []
     for _ in range(args.repeats):
         _sync(device)
         t = time.perf_counter()
         for _ in range(args.steps):
-            train_step(task.model, task, dict(batch), opt, amp)
+            train_step(task.model, task, dict(batch), opt, bf16)
         _sync(device)
         runs.append((time.perf_counter() - t) / args.steps)
     step = statistics.median(runs)
@@ -97,7 +103,7 @@ def time_steps(kind: str, args, device: torch.device, amp: bool, channels_last: 
         from torch.profiler import ProfilerActivity, profile as torch_profile
         with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(2):
-                train_step(task.model, task, dict(batch), opt, amp)
+                train_step(task.model, task, dict(batch), opt, bf16)
             _sync(device)
         print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=14,
                                         max_name_column_width=70), flush=True)
@@ -107,11 +113,16 @@ def time_steps(kind: str, args, device: torch.device, amp: bool, channels_last: 
     del task, opt, student, batch, prepare
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return {"kind": kind, "amp": "bf16" if amp else "fp32",
+    return {"kind": kind, "amp": {"off": "fp32"}.get(amp, amp),
             "format": ("channels_last_3d" if channels_last else "ncdhw")
             + ("+compile" if compile_model else ""),
             "ms_per_step": round(1000 * step, 2), "clips_per_s": round(args.batch / step, 1),
             "peak_gib": round(peak, 2), "runs_ms": [round(1000 * r, 2) for r in runs]}
+
+
+def _best(rows: list[dict], amp: str, compiled: bool) -> dict:
+    return max((r for r in rows if r["amp"] == amp and r["format"].endswith("+compile")
+                == compiled), key=lambda r: r["clips_per_s"])
 
 
 def main() -> None:
@@ -125,65 +136,70 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--compile", action="store_true",
-                    help="Also time torch.compile'd bf16 steps (both memory formats).")
+                    help="Also time torch.compile'd bf16 steps (training's --compile).")
     ap.add_argument("--profile", action="store_true",
                     help="Print the top GPU kernels of a bf16 step.")
     args = ap.parse_args()
     device = torch.device(args.device)
     set_deterministic(False, device)  # cudnn.benchmark on CUDA, as training runs
+    cuda = device.type == "cuda"
     rows = []
-    if device.type == "cuda":
-        # PyTorch's default fp32 lets cuDNN convolutions use TF32; strict fp32 is timed too
-        torch.backends.cudnn.allow_tf32 = False
-        rows.append(time_steps("ce", args, device, False, False))
-        rows[-1]["amp"] = "fp32-strict"
-        print(json.dumps(rows[-1]), flush=True)
-        torch.backends.cudnn.allow_tf32 = True
-    for amp in (False, True) if device.type == "cuda" else (False,):
+    for amp in ("off", "tf32", "bf16") if cuda else ("off",):
         for cl in (False, True):
             rows.append(time_steps("ce", args, device, amp, cl))
             print(json.dumps(rows[-1]), flush=True)
-    if device.type == "cuda" and args.compile:
+    if cuda and args.compile:
         for cl in (False, True):
-            rows.append(time_steps("ce", args, device, True, cl, compile_model=True))
+            rows.append(time_steps("ce", args, device, "bf16", cl, compile_model=True))
             print(json.dumps(rows[-1]), flush=True)
-    if device.type == "cuda" and args.profile:
-        time_steps("ce", args, device, True, False, profile=True)
-    ce = {(r["amp"], r["format"]): r for r in rows}
-    fp32 = ce[("fp32", "ncdhw")]
-    best = max(rows, key=lambda r: r["clips_per_s"])
-    amp_best = best["amp"] == "bf16"
-    cl_best = best["format"].startswith("channels_last_3d")
-    compiled = best["format"].endswith("+compile")
-    distill = [time_steps(k, args, device, amp_best, cl_best, compile_model=compiled)
-               for k in ("cached", "online")]
-    for r in distill:
-        print(json.dumps(r), flush=True)
-    summary = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch": torch.__version__, "arch": args.arch, "batch": args.batch,
-        "train_rows": rows, "distill_rows": distill,
-        "best_train": {"amp": best["amp"], "format": best["format"]},
-        "speedup_best_vs_fp32": round(best["clips_per_s"] / fp32["clips_per_s"], 2),
-        "speedup_best_vs_fp32_strict": (round(best["clips_per_s"]
-                                              / ce[("fp32-strict", "ncdhw")]["clips_per_s"], 2)
-                                        if ("fp32-strict", "ncdhw") in ce else None),
-        "channels_last_gain_bf16": (round(ce[("bf16", "channels_last_3d")]["clips_per_s"]
-                                          / ce[("bf16", "ncdhw")]["clips_per_s"], 2)
-                                    if ("bf16", "ncdhw") in ce else None),
-        "distill_cached_speedup": round(distill[1]["ms_per_step"] / distill[0]["ms_per_step"],
-                                        2),
-    }
+    if cuda and args.profile:
+        time_steps("ce", args, device, "bf16", False, profile=True)
+
+    # distillation in training's default path (bf16 eager on CUDA, its memory-format rule),
+    # and compiled when timed
+    default_amp = "bf16" if cuda else "off"
+    default_cl = _use_channels_last(load_train_config("distill", options={"amp": default_amp}),
+                                    device, default_amp == "bf16")
+    setups = [(default_amp, default_cl, False)]
+    if cuda and args.compile:
+        best_c = _best(rows, "bf16", True)
+        setups.append(("bf16", best_c["format"].startswith("channels_last_3d"), True))
+    distill = []
+    for amp, cl, comp in setups:
+        pair = [time_steps(k, args, device, amp, cl, compile_model=comp)
+                for k in ("cached", "online")]
+        for r in pair:
+            print(json.dumps(r), flush=True)
+        distill.append({"setup": f"{pair[0]['amp']} {pair[0]['format']}",
+                        "cached_ms": pair[0]["ms_per_step"], "online_ms": pair[1]["ms_per_step"],
+                        "speedup": round(pair[1]["ms_per_step"] / pair[0]["ms_per_step"], 2)})
+
+    fp32 = _best(rows, "fp32", False)
+    ratios = {}
+    if cuda:
+        tf32 = _best(rows, "tf32", False)
+        for label, r in [("bf16 eager", _best(rows, "bf16", False))] + (
+                [("bf16 compiled", _best(rows, "bf16", True))] if args.compile else []):
+            ratios[label] = {"clips_per_s": r["clips_per_s"], "format": r["format"],
+                             "vs_fp32": round(r["clips_per_s"] / fp32["clips_per_s"], 2),
+                             "vs_tf32": round(r["clips_per_s"] / tf32["clips_per_s"], 2)}
+    summary = {"device": torch.cuda.get_device_name(device) if cuda else "cpu",
+               "torch": torch.__version__, "arch": args.arch, "batch": args.batch,
+               "train_rows": rows, "bf16_speedups": ratios, "distill": distill}
     print(f"\n3D-ResNeXt-{args.arch}+CE, batch {args.batch}, 16x112x112, {summary['device']}")
-    print(f"{'step':<10}{'precision':<11}{'format':<18}{'ms/step':>9}{'clips/s':>9}{'GiB':>7}")
-    for r in rows + distill:
-        print(f"{r['kind']:<10}{r['amp']:<11}{r['format']:<18}{r['ms_per_step']:>9}"
+    print(f"{'step':<10}{'precision':<11}{'format':<26}{'ms/step':>9}{'clips/s':>9}{'GiB':>7}")
+    for r in rows:
+        print(f"{r['kind']:<10}{r['amp']:<11}{r['format']:<26}{r['ms_per_step']:>9}"
               f"{r['clips_per_s']:>9}{r['peak_gib']:>7}")
-    print(f"best training step ({best['amp']}, {best['format']}) vs fp32 eager: "
-          f"{summary['speedup_best_vs_fp32']}x with PyTorch's default TF32 convolutions, "
-          f"{summary['speedup_best_vs_fp32_strict']}x vs strict fp32 (goal >= 2x)")
-    print(f"distillation, cached features vs online teacher: "
-          f"{summary['distill_cached_speedup']}x faster (goal >= 1.3x)")
+    if cuda:
+        print(f"fp32 eager (strict, the baseline): {fp32['clips_per_s']} clips/s "
+              f"({fp32['format']}); tf32 eager: {tf32['clips_per_s']} ({tf32['format']})")
+    for label, r in ratios.items():
+        print(f"{label} ({r['format']}): {r['clips_per_s']} clips/s = {r['vs_fp32']}x fp32 eager "
+              f"(goal >= 2x), {r['vs_tf32']}x tf32 eager")
+    for d in distill:
+        print(f"distillation step, {d['setup']}: cached features {d['cached_ms']} ms, online "
+              f"teacher {d['online_ms']} ms: {d['speedup']}x faster (goal >= 1.3x)")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(summary, indent=2) + "\n")

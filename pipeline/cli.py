@@ -224,8 +224,11 @@ def _train_options(fn):
         click.option("--deterministic/--no-deterministic", default=None,
                      help="Deterministic algorithms: a resumed run equals an uninterrupted one."),
         click.option("--seed", type=int),
-        click.option("--amp", type=click.Choice(["auto", "bf16", "off"]),
-                     help="bf16 autocast [auto: on CUDA]."),
+        click.option("--amp", type=click.Choice(["auto", "bf16", "tf32", "off"]),
+                     help="Precision on CUDA: bf16 autocast, TF32 or strict fp32 (off) "
+                          "[auto: bf16 on CUDA, fp32 on CPU]."),
+        click.option("--compile/--no-compile", "compile", default=None,
+                     help="torch.compile the network: slower start, faster steps [off]."),
         click.option("--checkpoint-every", type=click.IntRange(1),
                      help="Steps between mid-epoch checkpoints [200]."),
     ]

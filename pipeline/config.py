@@ -30,7 +30,9 @@ FAMILY = {"teacher": "resnext", "rgb": "resnext", "distill": "resnext",
           "spatial": "mat_effnet", "temporal": "mat_effnet"}
 
 # Fields that change how fast a run goes but not what it computes: a resumed run may differ here.
-RUNTIME_FIELDS = frozenset({"workers", "device", "checkpoint_every", "name"})
+RUNTIME_FIELDS = frozenset({"workers", "device", "checkpoint_every", "name", "compile"})
+# TrainConfig.amp: the numeric precision (pipeline/precision.py says what each means on CUDA).
+PRECISIONS = ("auto", "bf16", "tf32", "off")
 
 
 @dataclass(frozen=True)
@@ -59,7 +61,8 @@ class TrainConfig:
     deterministic: bool = False
     workers: int = 4
     device: str = "auto"             # auto | cpu | cuda | cuda:N
-    amp: str = "auto"                # auto (bf16 on CUDA) | bf16 | off
+    amp: str = "auto"                # auto (bf16 on CUDA) | bf16 | tf32 | off: pipeline/precision.py
+    compile: bool = False            # torch.compile the network (CUDA: ~1.35x bf16 steps)
     channels_last: str = "auto"      # auto (CUDA fp32) | on | off: channels_last_3d, ResNeXt
     checkpoint_every: int = 200      # steps between mid-epoch checkpoints
     steps_per_epoch: int = 0         # 0: one clip per training video per epoch
@@ -79,8 +82,8 @@ class TrainConfig:
                              f"got {self.arch!r}")
         if self.excitation not in (None, "ce", "se"):
             raise ValueError(f"excitation must be ce, se or none, got {self.excitation!r}")
-        if self.amp not in ("auto", "bf16", "off"):
-            raise ValueError(f"amp must be auto, bf16 or off, got {self.amp!r}")
+        if self.amp not in PRECISIONS:
+            raise ValueError(f"amp must be one of {', '.join(PRECISIONS)}, got {self.amp!r}")
         if self.channels_last not in ("auto", "on", "off"):
             raise ValueError(f"channels_last must be auto, on or off, got {self.channels_last!r}")
         for key in ("epochs", "batch_size", "clip_len", "crop", "segments", "checkpoint_every"):
@@ -223,7 +226,7 @@ class FeatureConfig:
     crops: tuple[tuple[float, float], ...] = FIVE_CROPS
     flips: tuple[bool, ...] = (False, True)
     subset: str = "train"            # which videos of the teacher's split are cached
-    amp: str = "off"                 # off: fp32 teacher; bf16: autocast on CUDA
+    amp: str = "off"                 # off: strict fp32 teacher; bf16: autocast on CUDA
     batch_size: int = 32
     workers: int = 2
     device: str = "auto"

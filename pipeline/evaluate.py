@@ -26,6 +26,7 @@ from preprocess.atomic import TMP_PREFIX, write_bytes_atomic, write_text_atomic
 from preprocess.layout import DataLayout
 from preprocess.ledger import StageLock
 from .plots import Panel, charts_image, confusion_matrix_image, write_png
+from .precision import apply_precision
 from .train import RunPaths, file_sha256, read_log, run_config
 
 # How each kind of run is named in the results table.
@@ -42,7 +43,7 @@ class EvalConfig:
     batch_size: int = 8
     workers: int = 2
     device: str = "auto"
-    amp: str = "auto"          # bf16 autocast on CUDA
+    amp: str = "auto"          # auto (bf16 on CUDA) | bf16 | tf32 | off: pipeline/precision.py
     progress: bool = True
 
 
@@ -130,7 +131,7 @@ def score_run(data: Path, run: str, *, split: int | None = None,
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size,
                                          num_workers=cfg.workers,
                                          pin_memory=device.type == "cuda")
-    amp = cfg.amp == "bf16" or (cfg.amp == "auto" and device.type == "cuda")
+    amp = apply_precision(cfg.amp, device)
     key = train_cfg.modality
     rows_v, rows_l, rows_p = [], [], []
     from tqdm import tqdm

@@ -44,6 +44,7 @@ from preprocess.runner import StageSummary, ensure_writable
 from preprocess.shards import open_shard, read_table, shard_paths
 from .config import FeatureConfig, TrainConfig
 from .datasets import ACTIVITYNET, ClipDataset, ShardVideo, View, clip_indices, make_clip
+from .precision import apply_precision
 
 STAGE = "teacher-features"
 FORMAT = "twostream-teacher-features"
@@ -282,7 +283,7 @@ def compute_teacher_features(data: Path, *, teacher: str = "teacher_split1",
         if todo:
             device = resolve_device(spec.device, DistInfo())
             model, _ = load_trained(layout.run_dir(teacher), device)
-            amp = spec.amp == "bf16" and device.type == "cuda"
+            amp = apply_precision(spec.amp, device) and device.type == "cuda"
             items = _WindowViews(base, todo, spec)
             loader = DataLoader(items, batch_size=None, num_workers=spec.workers,
                                 pin_memory=device.type == "cuda")

@@ -43,6 +43,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from preprocess.atomic import clean_stale_temps, open_atomic, write_text_atomic
 from preprocess.ledger import StageLock
 from .config import FAMILY, TrainConfig, config_diff, config_from_dict, dump_json
+from .precision import apply_precision, autocast, resolve_precision
 
 SIGTERM_EXIT = 143  # 128 + SIGTERM, what a shell reports for a process ended by SIGTERM
 
@@ -352,16 +353,6 @@ def _to_device(batch: dict, device: torch.device, channels_last: bool) -> dict:
     return out
 
 
-def _autocast(device: torch.device, amp: bool):
-    if amp:
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def _use_amp(cfg: TrainConfig, device: torch.device) -> bool:
-    return cfg.amp == "bf16" or (cfg.amp == "auto" and device.type == "cuda")
-
-
 def _use_channels_last(cfg: TrainConfig, device: torch.device, amp: bool) -> bool:
     """channels_last_3d for the 3D ResNeXt where it is faster: on an H200 (train_bench.py) it
     speeds up fp32/TF32 steps 1.21x but slows bf16 ones (0.97x eager, 0.95x compiled)."""
@@ -430,7 +421,7 @@ def _lock_run(held: contextlib.ExitStack, paths: RunPaths, cfg: TrainConfig) -> 
 def _train(task: Task, cfg: TrainConfig, paths: RunPaths, dist: DistInfo, device: torch.device,
            progress: bool, on_step, log) -> FitResult:
     """fit's body once the run folder is locked and its config recorded."""
-    amp = _use_amp(cfg, device)
+    amp = apply_precision(cfg.amp, device)
     channels_last = _use_channels_last(cfg, device, amp)
     model = task.model.to(device)
     if channels_last:
@@ -439,6 +430,8 @@ def _train(task: Task, cfg: TrainConfig, paths: RunPaths, dist: DistInfo, device
     if dist.enabled:
         net = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:  # compiled on the first step; checkpoints hold the bare model's weights
+        net = torch.compile(net)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
@@ -541,7 +534,7 @@ def train_step(net: nn.Module, task: Task, batch: dict, optimizer: torch.optim.O
     if task.prepare is not None:
         batch = task.prepare(batch)
     device = batch[task.input_key].device
-    with _autocast(device, amp):
+    with autocast(device, amp):
         outputs = net(batch[task.input_key])
         losses = task.loss(outputs, batch)
     optimizer.zero_grad(set_to_none=True)
@@ -589,7 +582,7 @@ def evaluate_loss(net: nn.Module, task: Task, cfg: TrainConfig, device: torch.de
     loss_sum, correct, n = 0.0, 0.0, 0.0
     for batch in loader:
         batch = _to_device(batch, device, channels_last)
-        with _autocast(device, amp):
+        with autocast(device, amp):
             # the bare model: DDP's forward would expect a matching backward
             _, logits = net.module(batch[task.input_key]) if isinstance(
                 net, nn.parallel.DistributedDataParallel) else net(batch[task.input_key])
@@ -742,7 +735,7 @@ def _distill_task(data, layout, cfg: TrainConfig, model, meta, feature_spec, log
         teacher, _ = load_trained(layout.run_dir(cfg.teacher))
         train_set = DistillDataset(data, split=cfg.split, spec=feature_spec or FeatureConfig(),
                                    clip_len=cfg.clip_len, crop=cfg.crop, online=True)
-        prepare = online_teacher(teacher, amp=cfg.amp != "off")
+        prepare = online_teacher(teacher, amp=cfg.amp)
         teacher_dim = teacher.num_features
     else:
         cache = find_cache(data, cfg.teacher, feature_spec)
@@ -772,19 +765,20 @@ def eq8_loss(cfg: TrainConfig) -> Callable[[tuple, dict], dict]:
     return loss
 
 
-def online_teacher(teacher: nn.Module, *, amp: bool) -> Callable[[dict], dict]:
-    """A Task.prepare that runs the frozen teacher on batch["flow"] (--online-teacher)."""
+def online_teacher(teacher: nn.Module, *, amp: str) -> Callable[[dict], dict]:
+    """A Task.prepare that runs the frozen teacher on batch["flow"] (--online-teacher), in the
+    student's precision (`amp` as TrainConfig.amp)."""
     teacher.eval().requires_grad_(False)
-    state = {"moved": False}
+    state: dict = {}
 
     def prepare(batch: dict) -> dict:
         flow = batch["flow"]
-        if not state["moved"]:  # the device is known once batches arrive
+        if not state:  # the device is known once batches arrive
             teacher.to(flow.device)
             if flow.is_contiguous(memory_format=torch.channels_last_3d):
                 teacher.to(memory_format=torch.channels_last_3d)
-            state["moved"] = True
-        with torch.no_grad(), _autocast(flow.device, amp and flow.device.type == "cuda"):
+            state["bf16"] = resolve_precision(amp, flow.device) == "bf16"
+        with torch.no_grad(), autocast(flow.device, state["bf16"]):
             batch["teacher_features"] = teacher.forward_features(flow).float()
         return batch
     return prepare
