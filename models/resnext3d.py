@@ -11,7 +11,8 @@ conv expanding by 2, each followed by BN; type-B shortcuts (1x1x1 conv + BN) whe
 changes. The CE/SE module sits once after each residual stage (section 3.2, Table 2: Res2-5).
 
 Module names follow Hara's code (conv1, bn1, layer1-4, downsample.0/1, fc) so that his Kinetics
-checkpoints load by name; the excitation modules live apart, in `excitations`.
+checkpoints load by name; the excitation modules live apart, in `excitations`. The grouped conv
+is models/grouped_conv.py's nn.Conv3d, which avoids cuDNN's slow bf16 kernel for thin groups.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 from torch import nn
 
 from models.excitation import ChannelExcitation, SqueezeExcitation3d
+from models.grouped_conv import GroupedConv3d
 
 Excitation = Literal["ce", "se"] | None
 
@@ -50,9 +52,7 @@ class ResNeXtBottleneck3d(nn.Module):
         super().__init__()
         self.conv1 = nn.Conv3d(in_channels, width, 1, bias=False)
         self.bn1 = nn.BatchNorm3d(width)
-        self.conv2 = nn.Conv3d(
-            width, width, 3, stride=stride, padding=1, groups=cardinality, bias=False
-        )
+        self.conv2 = GroupedConv3d(width, width, 3, stride=stride, padding=1, groups=cardinality)
         self.bn2 = nn.BatchNorm3d(width)
         self.conv3 = nn.Conv3d(width, out_channels, 1, bias=False)
         self.bn3 = nn.BatchNorm3d(out_channels)
