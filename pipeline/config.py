@@ -63,7 +63,7 @@ class TrainConfig:
     device: str = "auto"             # auto | cpu | cuda | cuda:N
     amp: str = "auto"                # auto (bf16 on CUDA) | bf16 | tf32 | off: pipeline/precision.py
     compile: bool = False            # torch.compile the network (CUDA: ~1.35x bf16 steps)
-    channels_last: str = "auto"      # auto (CUDA fp32) | on | off: channels_last_3d, ResNeXt
+    channels_last: str = "auto"      # auto (CUDA bf16/tf32) | on | off: channels_last_3d, ResNeXt
     checkpoint_every: int = 200      # steps between mid-epoch checkpoints
     steps_per_epoch: int = 0         # 0: one clip per training video per epoch
     val_batch_size: int = 0          # 0: same as batch_size

@@ -353,13 +353,14 @@ def _to_device(batch: dict, device: torch.device, channels_last: bool) -> dict:
     return out
 
 
-def _use_channels_last(cfg: TrainConfig, device: torch.device, amp: bool) -> bool:
-    """channels_last_3d for the 3D ResNeXt where it is faster: on an H200 (train_bench.py) it
-    speeds up fp32/TF32 steps 1.21x but slows bf16 ones (0.97x eager, 0.95x compiled)."""
+def _use_channels_last(cfg: TrainConfig, device: torch.device) -> bool:
+    """channels_last_3d for the 3D ResNeXt where it is faster. On an H200 (train_bench.py,
+    batch 32) it speeds up bf16 steps 1.09x (compiled 1.11x) and TF32 ones 1.21x, and slows
+    strict fp32 ones (0.95x)."""
     if FAMILY[cfg.kind] != "resnext":  # MAT-EffNet is 2D: its 5D input is (B, L, C, H, W)
         return False
     return cfg.channels_last == "on" or (cfg.channels_last == "auto" and device.type == "cuda"
-                                         and not amp)
+                                         and resolve_precision(cfg.amp, device) != "fp32")
 
 
 def check_run_config(paths: RunPaths, cfg: TrainConfig) -> None:
@@ -422,7 +423,7 @@ def _train(task: Task, cfg: TrainConfig, paths: RunPaths, dist: DistInfo, device
            progress: bool, on_step, log) -> FitResult:
     """fit's body once the run folder is locked and its config recorded."""
     amp = apply_precision(cfg.amp, device)
-    channels_last = _use_channels_last(cfg, device, amp)
+    channels_last = _use_channels_last(cfg, device)
     model = task.model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last_3d)
@@ -469,7 +470,7 @@ def _train(task: Task, cfg: TrainConfig, paths: RunPaths, dist: DistInfo, device
             save_torch_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                "scheduler": scheduler.state_dict(),
                                "scaler": scaler.state_dict(), "rng": states, "epoch": epoch,
-                               "step": step, "sums": epoch_sums, "history": history,
+                               "step": step, "sums": _host_sums(epoch_sums), "history": history,
                                "config": cfg.to_dict()}, paths.checkpoint)
             write_text_atomic(paths.log, "".join(json.dumps(h) + "\n" for h in history))
         if dist.enabled:
@@ -553,16 +554,22 @@ def _progress(total: int, desc: str, enabled: bool):
 
 def _accumulate(sums: dict, losses: Mapping[str, torch.Tensor], logits: torch.Tensor,
                 labels: torch.Tensor) -> None:
+    """Epoch sums in float64 on the device: reading them every step would make the host wait
+    for each step's kernels before queueing the next one's."""
     n = labels.shape[0]
     for k, v in losses.items():
-        sums[k] = sums.get(k, 0.0) + float(v.detach()) * n
-    sums["correct"] = sums.get("correct", 0.0) + float((logits.argmax(1) == labels).sum())
+        sums[k] = sums.get(k, 0.0) + v.detach().double() * n
+    sums["correct"] = sums.get("correct", 0.0) + (logits.argmax(1) == labels).sum().double()
     sums["n"] = sums.get("n", 0.0) + n
+
+
+def _host_sums(sums: dict) -> dict:
+    return {k: float(v) for k, v in sums.items()}
 
 
 def _epoch_means(sums: dict, device: torch.device, dist: DistInfo) -> dict:
     keys = sorted(sums)
-    totals = dict(zip(keys, _all_reduce([sums[k] for k in keys], device, dist)))
+    totals = dict(zip(keys, _all_reduce([float(sums[k]) for k in keys], device, dist)))
     n = max(totals.get("n", 0.0), 1.0)
     out = {f"train_{k}": totals[k] / n for k in keys if k not in ("n", "correct")}
     out["train_acc"] = totals.get("correct", 0.0) / n
