@@ -4,27 +4,28 @@ Two questions, on synthetic input tensors already on the device (the model step 
 loading is benchmarks/loader_bench.py's subject), through pipeline.train.train_step, the very
 step the training loop runs (SGD with momentum and weight decay, cross-entropy or eq. 8):
 
-1. Student/teacher training clips/s: fp32 eager (PyTorch's defaults, which let cuDNN use TF32
-   in convolutions; and strict fp32, TF32 off) against bf16 autocast, each with the default
-   (channels-first) and the channels_last_3d memory format. Goal: bf16 >= 2x fp32.
+1. Student/teacher training clips/s in each precision of pipeline/precision.py: strict fp32
+   (`--amp off`, the "fp32 eager" baseline), TF32 (PyTorch's default for fp32 convolutions) and
+   bf16 autocast, each with the default (channels-first) and the channels_last_3d memory
+   format; with --compile, bf16 torch.compile'd too. Goal: bf16 >= 2x fp32 eager.
 2. IMRS distillation step time with cached teacher features (a (32, 2048) target tensor)
    against --online-teacher (the frozen flow ResNeXt-101+CE run on a (32, 2, 16, 112, 112) flow
-   batch under no_grad each step), both in the fastest format of 1. Goal: cached >= 1.3x faster.
+   batch under no_grad each step), in training's default path (bf16, its memory-format rule)
+   and compiled. Goal: cached >= 1.3x faster. benchmarks/distill_bench.py times the same
+   through the real loop reading shards.
 
-    python benchmarks/train_bench.py                     # CUDA (one H200): the figures
+    python benchmarks/train_bench.py --compile           # CUDA (one H200): the figures
     python benchmarks/train_bench.py --device cpu --arch tiny --batch 4 --steps 2   # smoke test
 
 Prints a table and writes JSON (--out). Timings: `--warmup` untimed steps (cuDNN autotuning),
 then `--steps` timed steps between device synchronisations; the median of `--repeats` runs.
 
-Measured on one H200 (torch 2.11, cuDNN autotuned, 2026-11-21), clips/s at batch 32:
-strict fp32 210; fp32 with TF32 convolutions (PyTorch's default) 545, channels_last_3d 659;
-bf16 autocast 571, channels_last_3d 554; bf16 + torch.compile 769 (ncdhw), 729 (cl3d). So bf16
-is 2.7x strict fp32 (3.7x compiled) but only 1.05x (1.42x compiled) the default TF32 path: the
-step is not bound by matrix throughput (~16 TFLOP/s achieved) but by BatchNorm (~25% of GPU
-time) and a slow cuDNN direct kernel chosen for three grouped convolutions a step (~20%).
-Distillation step: cached features 1.27x faster than --online-teacher in fp32/cl3d eager,
-1.61x in bf16 compiled (the teacher's forward is a larger share of a faster step).
+Measured on one H200 (torch 2.11, cuDNN autotuned, 2026-11-21), clips/s at batch 32, ncdhw /
+channels_last_3d: strict fp32 209 / 198; TF32 542 / 656; bf16 679 / 737; bf16 compiled
+984 / 1095. bf16 eager is 3.53x strict fp32 (compiled 5.25x) and 1.12x the best TF32 (1.67x).
+Before models/grouped_conv.py, bf16 ran at 566 / 551 (compiled 767): cuDNN's bf16 forward for
+ResNeXt-101's three 4-channels-per-group convolutions took 3.7 ms each. Distillation step,
+cached vs online teacher: 1.33x in bf16 channels_last_3d eager, 1.49x compiled.
 """
 from __future__ import annotations
 
@@ -159,7 +160,7 @@ def main() -> None:
     # and compiled when timed
     default_amp = "bf16" if cuda else "off"
     default_cl = _use_channels_last(load_train_config("distill", options={"amp": default_amp}),
-                                    device, default_amp == "bf16")
+                                    device)
     setups = [(default_amp, default_cl, False)]
     if cuda and args.compile:
         best_c = _best(rows, "bf16", True)
