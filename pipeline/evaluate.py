@@ -26,7 +26,7 @@ from preprocess.atomic import TMP_PREFIX, write_bytes_atomic, write_text_atomic
 from preprocess.layout import DataLayout
 from preprocess.ledger import StageLock
 from .plots import Panel, charts_image, confusion_matrix_image, write_png
-from .precision import apply_precision
+from .precision import apply_precision, autocast
 from .train import RunPaths, file_sha256, read_log, run_config
 
 # How each kind of run is named in the results table.
@@ -138,7 +138,7 @@ def score_run(data: Path, run: str, *, split: int | None = None,
     for batch in tqdm(loader, desc=f"evaluate {run}", unit="batch", disable=not cfg.progress,
                       leave=False):
         x = batch[key].to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        with autocast(device, amp):
             logits = model(x)
         rows_p.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
         rows_v.append(batch["video"].numpy())

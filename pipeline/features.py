@@ -44,7 +44,7 @@ from preprocess.runner import StageSummary, ensure_writable
 from preprocess.shards import open_shard, read_table, shard_paths
 from .config import FeatureConfig, TrainConfig
 from .datasets import ACTIVITYNET, ClipDataset, ShardVideo, View, clip_indices, make_clip
-from .precision import apply_precision
+from .precision import apply_precision, autocast
 
 STAGE = "teacher-features"
 FORMAT = "twostream-teacher-features"
@@ -336,7 +336,7 @@ def _teacher_forward(model, clips: torch.Tensor, device, amp: bool, batch_size: 
     feats, logits = [], []
     for lo in range(0, clips.shape[0], batch_size):
         x = clips[lo:lo + batch_size].to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        with autocast(device, amp):
             f = model.forward_features(x)
             lg = model.forward_head(f)
         feats.append(f.float().cpu())
